@@ -1,0 +1,24 @@
+"""Evaluation of Segment Anything models on microscopy data.
+
+- `metrics`: object matching scores (mean segmentation accuracy, precision, recall, F1), pure numpy.
+- `evaluation`: scores for folders / lists of predictions.
+- `instance_segmentation`: grid search, inference and evaluation for automatic instance segmentation.
+- `experiments`: the standard prompt settings for evaluating prompt-based segmentation.
+
+Importing this package does not import torch.
+"""
+
+from .instance_segmentation import (
+    run_instance_segmentation_inference,
+    run_instance_segmentation_grid_search,
+    run_instance_segmentation_grid_search_and_inference,
+)
+from .evaluation import (
+    run_evaluation,
+    run_evaluation_for_iterative_prompting,
+)
+from .experiments import (
+    default_experiment_settings,
+    full_experiment_settings,
+    get_experiment_setting_name,
+)
