@@ -1,0 +1,161 @@
+"""Building a SamPredictor from the registry or from a checkpoint file; devices; exporting checkpoints."""
+from __future__ import annotations
+
+import os
+from typing import Callable, Optional, Union
+
+from . import _registry
+
+_DEFAULT_MODEL = "vit_b_lm"
+
+
+def get_device(device=None):
+    """The torch device to use: the requested one, checked, or the best available (cuda, mps, cpu)."""
+    import torch
+
+    if device is None or device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if torch.backends.mps.is_available() and torch.backends.mps.is_built():
+            return "mps"
+        return "cpu"
+    device_type = device if isinstance(device, str) else getattr(device, "type", None)
+    if not isinstance(device_type, str):
+        raise ValueError(f"device must be a string or torch.device, got {device!r}.")
+    kind = device_type.split(":")[0].lower()
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"The requested device {device!r} is not available: PyTorch finds no CUDA GPU.")
+    elif kind == "mps":
+        if not (torch.backends.mps.is_available() and torch.backends.mps.is_built()):
+            raise RuntimeError(f"The requested device {device!r} is not available: the MPS backend is missing.")
+    elif kind != "cpu":
+        raise RuntimeError(f"Unsupported device {device!r}; choose 'cpu', 'cuda' (or 'cuda:N') or 'mps'.")
+    return device
+
+
+def compute_hash(path, chunk_size: int = 1 << 22) -> str:
+    """The ``xxh128:<hex>`` hash of a file, as stored in the registry and in embedding caches."""
+    import xxhash
+
+    hasher = xxhash.xxh128()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(chunk_size), b""):
+            hasher.update(chunk)
+    return f"xxh128:{hasher.hexdigest()}"
+
+
+def _resolve_files(model_type, checkpoint_path, decoder_path, progress_bar_factory):
+    """Local paths of the checkpoint and the optional decoder, and the model hash."""
+    if checkpoint_path is None:
+        entry = _registry.get_entry(model_type)
+        checkpoint_path = _registry.fetch(entry.name, progress_bar_factory=progress_bar_factory)
+        model_hash = entry.known_hash
+        decoder = _registry.decoder_entry(model_type)
+        if decoder_path is None and decoder is not None:
+            decoder_path = _registry.fetch(decoder.name)
+    else:
+        if not os.path.isfile(checkpoint_path):
+            raise ValueError(f"The checkpoint file {os.fspath(checkpoint_path)!r} does not exist.")
+        model_hash = compute_hash(checkpoint_path)
+    if decoder_path is not None and not os.path.isfile(decoder_path):
+        raise ValueError(f"The decoder file {os.fspath(decoder_path)!r} does not exist.")
+    return os.fspath(checkpoint_path), model_hash, decoder_path
+
+
+def get_sam_model(
+    model_type: str = _DEFAULT_MODEL,
+    device=None,
+    checkpoint_path: Optional[Union[str, os.PathLike]] = None,
+    return_sam: bool = False,
+    return_state: bool = False,
+    peft_kwargs: Optional[dict] = None,
+    flexible_load_checkpoint: bool = False,
+    progress_bar_factory: Optional[Callable] = None,
+    decoder_path: Optional[Union[str, os.PathLike]] = None,
+    **model_kwargs,
+):
+    """See :func:`micro_sam.util.get_sam_model`."""
+    from segment_anything import SamPredictor
+
+    from . import _checkpoints
+    from .models.build_sam import sam_model_registry
+
+    if not isinstance(model_type, str) or model_type[:5] not in _registry._ARCHITECTURES:
+        raise ValueError(
+            f"Invalid model_type {model_type!r}: it must start with one of {_registry._ARCHITECTURES}. "
+            f"Registered models: {', '.join(_registry.get_model_names())}."
+        )
+    if model_kwargs:
+        raise NotImplementedError(f"Custom SAM construction parameters {sorted(model_kwargs)} are not supported.")
+    if peft_kwargs:
+        raise NotImplementedError("Parameter-efficient finetuning (peft_kwargs) is not supported by this package.")
+    device = get_device(device)
+    checkpoint_path, model_hash, decoder_path = _resolve_files(
+        model_type, checkpoint_path, decoder_path, progress_bar_factory
+    )
+    model_state, decoder_state, state = _checkpoints.split_checkpoint(
+        _checkpoints.safe_load(checkpoint_path), checkpoint_path
+    )
+    architecture = _checkpoints.resolve_architecture(model_type, model_state, checkpoint_path)
+    sam = sam_model_registry[architecture]()
+    if flexible_load_checkpoint:
+        own = sam.state_dict()
+        model_state = {k: v for k, v in model_state.items() if k in own and own[k].shape == v.shape}
+        sam.load_state_dict(model_state, strict=False)
+    else:
+        _checkpoints.load_model_state(sam, model_state, checkpoint_path)
+    sam.to(device=device)
+    sam.eval()
+
+    predictor = SamPredictor(sam)
+    predictor.model_type = architecture
+    predictor.model_name = model_type
+    predictor._hash = model_hash
+    predictor.checkpoint_path = checkpoint_path
+
+    if return_state:
+        if decoder_path is not None:
+            decoder_state = _checkpoints.safe_load(decoder_path)
+        if decoder_state is not None:
+            state["decoder_state"] = decoder_state
+    if return_sam and return_state:
+        return predictor, sam, state
+    if return_sam:
+        return predictor, sam
+    if return_state:
+        return predictor, state
+    return predictor
+
+
+def export_custom_sam_model(
+    checkpoint_path: Union[str, os.PathLike],
+    model_type: str,
+    save_path: Union[str, os.PathLike],
+    with_segmentation_decoder: bool = False,
+    prefix: str = "sam.",
+) -> None:
+    """See :func:`micro_sam.util.export_custom_sam_model`."""
+    import torch
+
+    from . import _checkpoints
+
+    obj = _checkpoints.safe_load(checkpoint_path)
+    model_state, decoder_state, _ = _checkpoints.split_checkpoint(obj, os.fspath(checkpoint_path))
+    if prefix != "sam.":
+        model_state = _checkpoints._strip_prefix(model_state, prefix)
+    _checkpoints.resolve_architecture(model_type, model_state, os.fspath(checkpoint_path))
+    if with_segmentation_decoder:
+        if decoder_state is None:
+            raise RuntimeError(f"The checkpoint {os.fspath(checkpoint_path)!r} has no 'decoder_state' to export.")
+        to_save = {"model_state": model_state, "decoder_state": decoder_state}
+    else:
+        to_save = model_state
+    save_path = os.fspath(save_path)
+    tmp_path = f"{save_path}.tmp-{os.getpid()}"
+    try:
+        torch.save(to_save, tmp_path)
+        os.replace(tmp_path, save_path)
+    finally:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
