@@ -286,11 +286,10 @@ def _registry_entry(name: str) -> Tuple[str, str]:
 
 
 def _cache_directory() -> Path:
-    """``$MICROSAM_CACHEDIR`` or the user cache directory of micro_sam (same rule as ``micro_sam.util``)."""
-    import pooch
+    """``$MICROSAM_CACHEDIR`` or the user cache directory of micro_sam (the rule of ``micro_sam.util``)."""
+    from ._registry import get_cache_directory
 
-    default = os.path.expanduser(pooch.os_cache("micro_sam"))
-    return Path(os.environ.get("MICROSAM_CACHEDIR", default))
+    return Path(get_cache_directory())
 
 
 def _sample_data_directory() -> Path:
