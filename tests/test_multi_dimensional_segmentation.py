@@ -367,3 +367,113 @@ def test_get_napari_track_data():
     track_data, parents = get_napari_track_data(segmentation, [{1: [2, 3]}])
     np.testing.assert_allclose(track_data, [[1, 0, 0.5, 1.5], [2, 1, 4.5, 4.5], [3, 1, 8, 2]])
     assert parents == {2: [1], 3: [1]}
+
+
+# --- tracking with a stand-in for trackastra -------------------------------------------------------------------
+def _division_movie():
+    """Frames 0-1: cell A (label 1); it divides into labels 1 and 2 in frames 2-3 (frame 3 ids: 5, 6).
+    Cell B appears in frame 1 (label 2; label 3 in frames 2-3). A one-frame object C exists in frame 3 (label 9)."""
+    seg = np.zeros((4, 20, 20), dtype="uint16")
+    seg[0:2, 2:8, 2:8] = 1
+    seg[2, 2:5, 2:8], seg[2, 5:8, 2:8] = 1, 2
+    seg[3, 2:5, 2:8], seg[3, 5:8, 2:8] = 5, 6
+    seg[1, 12:18, 12:18] = 2
+    seg[2:4, 12:18, 12:18] = 3
+    seg[3, 0, 19] = 9
+    nodes = {"a0": (0, 1), "a1": (1, 1), "a2": (2, 1), "a3": (3, 5), "d2": (2, 2), "d3": (3, 6),
+             "b1": (1, 2), "b2": (2, 3), "b3": (3, 3), "c3": (3, 9)}
+    edges = [("a0", "a1"), ("a1", "a2"), ("a1", "d2"), ("a2", "a3"), ("d2", "d3"), ("b1", "b2"), ("b2", "b3")]
+    return seg, nodes, edges
+
+
+@pytest.fixture
+def fake_trackastra(monkeypatch):
+    import sys
+    import types
+
+    import networkx as nx
+
+    seg, nodes, edges = _division_movie()
+    calls = {}
+
+    class FakeTrackastra:
+        @classmethod
+        def from_pretrained(cls, name, device=None):
+            calls["model"] = name
+            return cls()
+
+        def track(self, imgs, masks, mode="greedy"):
+            calls["mode"], calls["masks"] = mode, masks.copy()
+            graph = nx.DiGraph()
+            for name, (t, label) in nodes.items():
+                graph.add_node(name, time=t, label=label, coords=(0.0, 0.0))
+            graph.add_edges_from(edges)
+            return graph, masks
+
+    def graph_to_ctc(graph, masks, outdir=None):
+        calls["ctc"] = outdir
+
+    package = types.ModuleType("trackastra")
+    model_module = types.ModuleType("trackastra.model")
+    model_module.Trackastra = FakeTrackastra
+    tracking_module = types.ModuleType("trackastra.tracking")
+    tracking_module.graph_to_ctc = graph_to_ctc
+    monkeypatch.setitem(sys.modules, "trackastra", package)
+    monkeypatch.setitem(sys.modules, "trackastra.model", model_module)
+    monkeypatch.setitem(sys.modules, "trackastra.tracking", tracking_module)
+    return seg, calls
+
+
+def test_track_across_frames_tracks_and_lineages(fake_trackastra, tmp_path):
+    seg, calls = fake_trackastra
+    movie = np.zeros(seg.shape, dtype="float32")
+    result, lineages = mds.track_across_frames(movie, seg, mode="ilp", tracking_model="ctc", verbose=False,
+                                               output_folder=tmp_path)
+    assert calls["model"] == "ctc" and calls["mode"] == "ilp" and calls["ctc"] == tmp_path
+    # Tracks numbered by start frame, then label: A = 1, B = 2, A's daughters = 3 (label 1) and 4 (label 2), C = 5.
+    expected = np.zeros(seg.shape, dtype="uint32")
+    expected[0:2][seg[0:2] == 1] = 1
+    expected[1][seg[1] == 2] = 2
+    expected[2:4][seg[2:4] == 3] = 2
+    expected[2][seg[2] == 1], expected[3][seg[3] == 5] = 3, 3
+    expected[2][seg[2] == 2], expected[3][seg[3] == 6] = 4, 4
+    expected[3][seg[3] == 9] = 5
+    assert np.array_equal(result, expected)
+    assert lineages == [{1: [3, 4], 3: [], 4: []}, {2: []}, {5: []}]
+    # The napari representation of the lineages: child -> [parent].
+    _, parents = get_napari_track_data(result, lineages)
+    assert parents == {3: [1], 4: [1]}
+
+
+def test_track_across_frames_min_time_extent(fake_trackastra):
+    seg, _ = fake_trackastra
+    result, lineages = mds.track_across_frames(np.zeros(seg.shape), seg, min_time_extent=2, verbose=False)
+    assert set(np.unique(result)) == {0, 1, 2, 3, 4}  # the one-frame object 5 is gone
+    assert lineages == [{1: [3, 4], 3: [], 4: []}, {2: []}]
+
+
+def test_track_across_frames_gap_closing(fake_trackastra):
+    seg, calls = fake_trackastra
+    seg = seg.copy()
+    seg[1][seg[1] == 2] = 0  # B is missing in frame 1 but present in frames 2 and 3 ...
+    seg[0, 12:18, 12:18] = 4  # ... and in frame 0
+    mds.track_across_frames(np.zeros(seg.shape), seg, gap_closing=1, verbose=False)
+    assert (calls["masks"][1, 12:18, 12:18] != 0).all() and calls["masks"][1, 12:18, 12:18].max() > 2
+    assert np.array_equal(calls["masks"][1][seg[1] != 0], seg[1][seg[1] != 0])
+
+
+def test_track_across_frames_validation(fake_trackastra):
+    seg, _ = fake_trackastra
+    with pytest.raises(ValueError, match="mode"):
+        mds.track_across_frames(np.zeros(seg.shape), seg, mode="hungarian", verbose=False)
+    with pytest.raises(ValueError, match="same shape"):
+        mds.track_across_frames(np.zeros((4, 20, 21)), seg, verbose=False)
+
+
+def test_track_across_frames_needs_trackastra(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "trackastra", None)  # makes the import fail
+    monkeypatch.setitem(sys.modules, "trackastra.model", None)
+    with pytest.raises(RuntimeError, match="trackastra"):
+        mds.track_across_frames(np.zeros((2, 4, 4)), np.zeros((2, 4, 4), dtype="uint8"), verbose=False)
