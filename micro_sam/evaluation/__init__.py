@@ -4,6 +4,7 @@
 - `evaluation`: scores for folders / lists of predictions.
 - `instance_segmentation`: grid search, inference and evaluation for automatic instance segmentation.
 - `experiments`: the standard prompt settings for evaluating prompt-based segmentation.
+- `inference`: prompt-based inference with prompts derived from the ground truth, incl. iterative prompting.
 
 Importing this package does not import torch.
 """
@@ -16,6 +17,12 @@ from .instance_segmentation import (
 from .evaluation import (
     run_evaluation,
     run_evaluation_for_iterative_prompting,
+)
+from .inference import (
+    run_inference_with_iterative_prompting,
+    run_inference_with_prompts,
+    precompute_all_embeddings,
+    precompute_all_prompts,
 )
 from .experiments import (
     default_experiment_settings,
