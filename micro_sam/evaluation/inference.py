@@ -24,8 +24,8 @@ from .instance_segmentation import _write_prediction
 PathLike = Union[str, os.PathLike]
 
 __all__ = [
-    "precompute_all_embeddings", "precompute_all_prompts", "run_inference_with_iterative_prompting",
-    "run_inference_with_prompts",
+    "precompute_all_embeddings", "precompute_all_prompts", "run_amg", "run_apg", "run_inference_with_iterative_prompting",
+    "run_inference_with_prompts", "run_instance_segmentation_with_decoder",
 ]
 
 _STATE_FOLDER = ".iterative_prompting_state"
@@ -356,3 +356,152 @@ def run_inference_with_iterative_prompting(
             batch_size, _embedding_path(embedding_dir, image_path), prediction_paths, use_masks,
             _state_path(prediction_dir, image_name),
         )
+
+
+# --- automatic instance segmentation ----------------------------------------------------------------------
+def _run_automatic_segmentation(segmenter, prefix, grid_search_values, experiment_folder, val_image_paths,
+                                val_gt_paths, test_image_paths, cache_embeddings, tiling_window_params) -> str:
+    from . import instance_segmentation
+
+    embedding_folder = None
+    if cache_embeddings:
+        embedding_folder = os.path.join(experiment_folder, "embeddings")
+        os.makedirs(embedding_folder, exist_ok=True)
+    prediction_folder = os.path.join(experiment_folder, prefix, "inference")
+    result_folder = os.path.join(experiment_folder, prefix, "grid_search")
+    os.makedirs(prediction_folder, exist_ok=True)
+    os.makedirs(result_folder, exist_ok=True)
+    instance_segmentation.run_instance_segmentation_grid_search_and_inference(
+        segmenter=segmenter, grid_search_values=grid_search_values, val_image_paths=val_image_paths,
+        val_gt_paths=val_gt_paths, test_image_paths=test_image_paths, embedding_dir=embedding_folder,
+        prediction_dir=prediction_folder, result_dir=result_folder, experiment_folder=experiment_folder,
+        tiling_window_params=tiling_window_params,
+    )
+    return prediction_folder
+
+
+def _check_tiling_window_params(tiling_window_params) -> bool:
+    if not tiling_window_params:
+        return False
+    if not isinstance(tiling_window_params, dict) or not {"tile_shape", "halo"} <= set(tiling_window_params):
+        raise ValueError("tiling_window_params must be a dict with 'tile_shape' and 'halo', got "
+                         f"{tiling_window_params!r}.")
+    return True
+
+
+def run_amg(
+    checkpoint: Optional[PathLike],
+    model_type: str,
+    experiment_folder: PathLike,
+    val_image_paths: List[PathLike],
+    val_gt_paths: List[PathLike],
+    test_image_paths: List[PathLike],
+    iou_thresh_values: Optional[List[float]] = None,
+    stability_score_values: Optional[List[float]] = None,
+    peft_kwargs: Optional[Dict] = None,
+    cache_embeddings: bool = False,
+    tiling_window_params: Optional[Dict[str, Tuple[int, int]]] = None,
+) -> str:
+    """Grid search and inference for automatic mask generation (AMG).
+
+    Predictions go to ``<experiment_folder>/amg/inference``, grid search results to ``.../amg/grid_search``.
+
+    Args:
+        checkpoint: The model checkpoint (None for the registered weights of ``model_type``).
+        model_type: The model type / name.
+        experiment_folder: The folder for all outputs.
+        val_image_paths: Images for the grid search.
+        val_gt_paths: Their ground truth.
+        test_image_paths: Images to segment with the best parameters.
+        iou_thresh_values: Grid values of ``pred_iou_thresh``.
+        stability_score_values: Grid values of ``stability_score_thresh``.
+        peft_kwargs: PEFT settings of the model.
+        cache_embeddings: Cache the embeddings in ``<experiment_folder>/embeddings``.
+        tiling_window_params: ``{"tile_shape": ..., "halo": ...}`` for tiled segmentation.
+
+    Returns:
+        The prediction folder.
+    """
+    from .. import instance_segmentation as segmentation
+    from .instance_segmentation import default_grid_search_values_amg
+
+    tiled = _check_tiling_window_params(tiling_window_params)
+    predictor = util.get_sam_model(model_type=model_type, checkpoint_path=checkpoint, peft_kwargs=peft_kwargs)
+    segmenter = (segmentation.TiledAutomaticMaskGenerator if tiled else segmentation.AutomaticMaskGenerator)(predictor)
+    grid = default_grid_search_values_amg(iou_thresh_values=iou_thresh_values,
+                                          stability_score_values=stability_score_values)
+    return _run_automatic_segmentation(segmenter, "amg", grid, experiment_folder, val_image_paths, val_gt_paths,
+                                       test_image_paths, cache_embeddings, tiling_window_params)
+
+
+def run_apg(
+    checkpoint: Optional[PathLike],
+    model_type: str,
+    experiment_folder: PathLike,
+    val_image_paths: List[PathLike],
+    val_gt_paths: List[PathLike],
+    test_image_paths: List[PathLike],
+    peft_kwargs: Optional[Dict] = None,
+    cache_embeddings: bool = False,
+    tiling_window_params: Optional[Dict[str, Tuple[int, int]]] = None,
+) -> str:
+    """Grid search and inference for automatic prompt generation (APG); outputs under ``<experiment_folder>/apg``.
+
+    Args: as :func:`run_instance_segmentation_with_decoder`; tiling is not supported.
+
+    Returns:
+        The prediction folder.
+    """
+    from .. import instance_segmentation as segmentation
+    from .instance_segmentation import default_grid_search_values_apg
+
+    if _check_tiling_window_params(tiling_window_params):
+        raise NotImplementedError("Automatic prompt generation does not support tiling yet.")
+    predictor, decoder = segmentation.get_predictor_and_decoder(
+        model_type=model_type, checkpoint_path=checkpoint, peft_kwargs=peft_kwargs)
+    segmenter = segmentation.AutomaticPromptGenerator(predictor, decoder)
+    return _run_automatic_segmentation(segmenter, "apg", default_grid_search_values_apg(), experiment_folder,
+                                       val_image_paths, val_gt_paths, test_image_paths, cache_embeddings, None)
+
+
+def run_instance_segmentation_with_decoder(
+    checkpoint: Optional[PathLike],
+    model_type: str,
+    experiment_folder: PathLike,
+    val_image_paths: List[PathLike],
+    val_gt_paths: List[PathLike],
+    test_image_paths: List[PathLike],
+    peft_kwargs: Optional[Dict] = None,
+    cache_embeddings: bool = False,
+    tiling_window_params: Optional[Dict[str, Tuple[int, int]]] = None,
+) -> str:
+    """Grid search and inference for instance segmentation with the decoder (AIS); outputs under
+    ``<experiment_folder>/instance_segmentation_with_decoder``.
+
+    Args:
+        checkpoint: The model checkpoint with the decoder state.
+        model_type: The model type / name.
+        experiment_folder: The folder for all outputs.
+        val_image_paths: Images for the grid search.
+        val_gt_paths: Their ground truth.
+        test_image_paths: Images to segment with the best parameters.
+        peft_kwargs: PEFT settings of the model.
+        cache_embeddings: Cache the embeddings in ``<experiment_folder>/embeddings``.
+        tiling_window_params: ``{"tile_shape": ..., "halo": ...}`` for tiled segmentation.
+
+    Returns:
+        The prediction folder.
+    """
+    from .. import instance_segmentation as segmentation
+    from .instance_segmentation import default_grid_search_values_instance_segmentation_with_decoder
+
+    tiled = _check_tiling_window_params(tiling_window_params)
+    predictor, decoder = segmentation.get_predictor_and_decoder(
+        model_type=model_type, checkpoint_path=checkpoint, peft_kwargs=peft_kwargs)
+    segmenter_class = (segmentation.TiledInstanceSegmentationWithDecoder if tiled
+                       else segmentation.InstanceSegmentationWithDecoder)
+    return _run_automatic_segmentation(
+        segmenter_class(predictor, decoder), "instance_segmentation_with_decoder",
+        default_grid_search_values_instance_segmentation_with_decoder(), experiment_folder, val_image_paths,
+        val_gt_paths, test_image_paths, cache_embeddings, tiling_window_params,
+    )

@@ -229,3 +229,53 @@ def test_bad_arguments(tmp_path, data):
     with pytest.raises(ValueError, match="n_iterations"):
         evaluation_inference.run_inference_with_iterative_prompting(ErodingPredictor(gts), image_paths, gt_paths,
                                                                     None, tmp_path, n_iterations=0)
+
+
+# --- automatic segmentation glue (run_amg, run_apg, run_instance_segmentation_with_decoder) -----------------
+class _Segmenter:
+    def __init__(self, *args):
+        self.args = args
+
+
+@pytest.fixture
+def automatic(monkeypatch):
+    """Stand-in segmenter classes and model loading; records the grid search call."""
+    import micro_sam.instance_segmentation as segmentation
+    from micro_sam import util
+    from micro_sam.evaluation import instance_segmentation
+
+    names = ["AutomaticMaskGenerator", "TiledAutomaticMaskGenerator", "InstanceSegmentationWithDecoder",
+             "TiledInstanceSegmentationWithDecoder", "AutomaticPromptGenerator"]
+    for name in names:
+        monkeypatch.setattr(segmentation, name, type(name, (_Segmenter,), {}), raising=False)
+    monkeypatch.setattr(segmentation, "get_predictor_and_decoder", lambda **kwargs: ("predictor", "decoder"))
+    monkeypatch.setattr(util, "get_sam_model", lambda **kwargs: "predictor")
+    calls = []
+    monkeypatch.setattr(instance_segmentation, "run_instance_segmentation_grid_search_and_inference",
+                        lambda **kwargs: calls.append(kwargs))
+    return calls
+
+
+def test_automatic_segmentation_glue(tmp_path, automatic):
+    folder = evaluation_inference.run_amg(None, "vit_t", tmp_path, ["v.tif"], ["g.tif"], ["t.tif"],
+                                          iou_thresh_values=[0.8], cache_embeddings=True)
+    assert folder == os.path.join(tmp_path, "amg", "inference") and os.path.isdir(folder)
+    call = automatic[-1]
+    assert type(call["segmenter"]).__name__ == "AutomaticMaskGenerator" and call["segmenter"].args == ("predictor",)
+    assert call["grid_search_values"]["pred_iou_thresh"] == [0.8]
+    assert call["embedding_dir"] == os.path.join(tmp_path, "embeddings")
+    assert call["result_dir"] == os.path.join(tmp_path, "amg", "grid_search")
+
+    tiling = {"tile_shape": (256, 256), "halo": (32, 32)}
+    evaluation_inference.run_instance_segmentation_with_decoder(None, "vit_t", tmp_path, [], [], [],
+                                                                tiling_window_params=tiling)
+    call = automatic[-1]
+    assert type(call["segmenter"]).__name__ == "TiledInstanceSegmentationWithDecoder"
+    assert call["segmenter"].args == ("predictor", "decoder") and call["tiling_window_params"] == tiling
+    assert call["embedding_dir"] is None and "center_distance_threshold" in call["grid_search_values"]
+
+    folder = evaluation_inference.run_apg(None, "vit_t", tmp_path, [], [], [])
+    assert folder.endswith(os.path.join("apg", "inference"))
+    assert type(automatic[-1]["segmenter"]).__name__ == "AutomaticPromptGenerator"
+    with pytest.raises(ValueError, match="tile_shape"):
+        evaluation_inference.run_amg(None, "vit_t", tmp_path, [], [], [], tiling_window_params={"halo": (8, 8)})
