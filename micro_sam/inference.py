@@ -72,7 +72,8 @@ def _validate_inputs(batch_size, boxes, points, point_labels, multimasking, redu
     if logits_masks is not None:
         logits_masks = torch.as_tensor(logits_masks, dtype=torch.float32)
         if logits_masks.ndim != 4 or logits_masks.shape[0] != n_prompts or logits_masks.shape[1] != 1:
-            raise ValueError(f"logits_masks must have shape ({n_prompts}, 1, 256, 256), got {tuple(logits_masks.shape)}.")
+            raise ValueError(f"logits_masks must have shape ({n_prompts}, 1, 256, 256), "
+                             f"got {tuple(logits_masks.shape)}.")
     if segmentation_ids is not None:
         if len(segmentation_ids) != n_prompts:
             raise ValueError(f"Got {len(segmentation_ids)} segmentation_ids for {n_prompts} prompts.")
@@ -341,7 +342,8 @@ def _stitch(tile_segmentations, shape, tile_shape, halo, overlap_threshold=0.75)
         ids, sizes = np.unique(tile_seg, return_counts=True)
         covered_ids, covered = np.unique(tile_seg[existing != 0], return_counts=True)
         covered_fraction = dict(zip(covered_ids.tolist(), covered.tolist()))
-        drop = [i for i, s in zip(ids.tolist(), sizes.tolist()) if i != 0 and covered_fraction.get(i, 0) > overlap_threshold * s]
+        drop = [i for i, s in zip(ids.tolist(), sizes.tolist())
+                if i != 0 and covered_fraction.get(i, 0) > overlap_threshold * s]
         new = tile_seg.copy()
         if drop:
             new[np.isin(new, drop)] = 0

@@ -56,10 +56,10 @@ def _embedding_depth(image_embeddings) -> Optional[int]:
     """Number of slices of 3D embeddings, None for 2D ones."""
     features = image_embeddings["features"]
     if _is_tiled(image_embeddings):
-        keys = list(features.keys())
-        if not keys:
+        first = next(iter(features.keys()), None)
+        if first is None:
             raise ValueError("The tiled image_embeddings hold no tiles.")
-        features = features[keys[0]]
+        features = features[first]
     return int(features.shape[0]) if len(features.shape) == 5 else None
 
 

@@ -304,7 +304,8 @@ def test_tiled_points_outside_the_tile_are_dropped(predictor, tiled):
     (lambda p, e: pbs.segment_from_mask(p, np.ones((10, 10)), e), "mask has shape"),
     (lambda p, e: pbs.segment_from_mask(p, np.ones(SHAPE), e, use_box=False, use_mask=False), "needs a prompt"),
     (lambda p, e: pbs.segment_from_points(p, np.array([[10, 30]]), np.array([1]), e, i=0), "i=0"),
-    (lambda p, e: pbs.segment_from_points(p, np.array([[10, 30]]), np.array([1]), None, i=0), "without image_embeddings"),
+    (lambda p, e: pbs.segment_from_points(p, np.array([[10, 30]]), np.array([1]), None, i=0),
+     "without image_embeddings"),
 ])
 def test_bad_input(predictor, embeddings, call, match):
     with pytest.raises(ValueError, match=match):

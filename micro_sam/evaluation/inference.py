@@ -24,8 +24,8 @@ from .instance_segmentation import _write_prediction
 PathLike = Union[str, os.PathLike]
 
 __all__ = [
-    "precompute_all_embeddings", "precompute_all_prompts", "run_amg", "run_apg", "run_inference_with_iterative_prompting",
-    "run_inference_with_prompts", "run_instance_segmentation_with_decoder",
+    "precompute_all_embeddings", "precompute_all_prompts", "run_amg", "run_apg",
+    "run_inference_with_iterative_prompting", "run_inference_with_prompts", "run_instance_segmentation_with_decoder",
 ]
 
 _STATE_FOLDER = ".iterative_prompting_state"
@@ -245,7 +245,8 @@ def _load_state(path: str, settings: np.ndarray, n_done: int):
     with np.load(path) as f:
         if not np.array_equal(f["settings"], settings) or int(f["completed"]) > n_done:
             return None
-        return int(f["completed"]), *(f[name] if name in f else None for name in ("points", "labels", "boxes", "logits"))
+        saved = (f[name] if name in f else None for name in ("points", "labels", "boxes", "logits"))
+        return (int(f["completed"]), *saved)
 
 
 def _iterative_prompting_for_image(predictor, image, gt, start_with_box_prompt, dilation, batch_size,
