@@ -352,3 +352,20 @@ def test_dense_pe_cache_follows_weight_changes():
     second = pbs._dense_pe(sam.prompt_encoder)
     torch.testing.assert_close(second, sam.prompt_encoder.get_dense_pe())
     assert not torch.equal(first, second)
+
+
+def test_vit_t_matches_sam_predictor(vit_t_predictor):
+    """The MobileSAM-compatible vit_t model goes through the same decoder path."""
+    embeddings = _fake_embeddings(SHAPE, seed=9)
+    points, labels = np.array([[40, 170]]), np.array([1])
+    masks, scores, _ = pbs.segment_from_points(vit_t_predictor, points, labels, embeddings, return_all=True)
+    box = np.array([20, 100, 90, 210])
+    box_masks = pbs.segment_from_box(vit_t_predictor, box, embeddings)
+
+    util.set_precomputed(vit_t_predictor, embeddings)
+    ref_masks, ref_scores, _ = vit_t_predictor.predict(point_coords=np.array([[170, 40]]), point_labels=labels,
+                                                       multimask_output=True)
+    np.testing.assert_array_equal(masks[0], ref_masks[np.argmax(ref_scores)])
+    np.testing.assert_array_equal(scores, ref_scores)
+    ref_box, _, _ = vit_t_predictor.predict(box=box[[1, 0, 3, 2]], multimask_output=False)
+    np.testing.assert_array_equal(box_masks, ref_box)
