@@ -1,4 +1,26 @@
-"""Automatic instance segmentation: SAM's automatic mask generation (AMG) and decoder-based segmentation (AIS)."""
-from .decoder import DecoderAdapter, get_decoder, get_predictor_and_decoder, get_unetr
+"""Automatic instance segmentation.
 
-__all__ = ["DecoderAdapter", "get_decoder", "get_predictor_and_decoder", "get_unetr"]
+- AMG (automatic mask generation): SAM segments a grid of point prompts; masks are filtered by predicted IoU
+  and stability and de-duplicated by NMS (:class:`AutomaticMaskGenerator`, :class:`TiledAutomaticMaskGenerator`).
+- AIS (instance segmentation with a decoder): a UNETR decoder on SAM's image encoder predicts foreground,
+  centre distance and boundary distance maps, segmented by a seeded watershed
+  (:class:`InstanceSegmentationWithDecoder`, :class:`TiledInstanceSegmentationWithDecoder`).
+
+All segmenters share ``initialize`` (expensive, once per image), ``generate`` (cheap, re-run to tune
+parameters), ``get_state`` / ``set_state`` / ``clear_state`` and ``is_initialized``.
+"""
+from ._factory import DEFAULT_SEGMENTATION_MODE_WITH_DECODER, get_instance_segmentation_generator
+from ._volume import segment_slices
+from .ais import InstanceSegmentationWithDecoder
+from .amg import AMGBase, AutomaticMaskGenerator
+from .decoder import DecoderAdapter, get_decoder, get_predictor_and_decoder, get_unetr
+from .postprocessing import watershed_from_center_and_boundary_distances
+from .tiled import TiledAutomaticMaskGenerator, TiledInstanceSegmentationWithDecoder
+
+__all__ = [
+    "AMGBase", "AutomaticMaskGenerator", "TiledAutomaticMaskGenerator",
+    "InstanceSegmentationWithDecoder", "TiledInstanceSegmentationWithDecoder",
+    "DecoderAdapter", "get_unetr", "get_decoder", "get_predictor_and_decoder",
+    "get_instance_segmentation_generator", "DEFAULT_SEGMENTATION_MODE_WITH_DECODER",
+    "segment_slices", "watershed_from_center_and_boundary_distances",
+]

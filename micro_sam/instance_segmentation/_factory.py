@@ -1,0 +1,58 @@
+"""Choosing the automatic segmentation class for a model."""
+from __future__ import annotations
+
+from typing import Optional
+
+from .ais import InstanceSegmentationWithDecoder
+from .amg import AMGBase, AutomaticMaskGenerator
+from .tiled import TiledAutomaticMaskGenerator, TiledInstanceSegmentationWithDecoder
+
+#: The segmentation mode used when a decoder is available and no mode is requested.
+DEFAULT_SEGMENTATION_MODE_WITH_DECODER = "ais"
+
+_MODES = ("amg", "ais")
+
+
+def get_instance_segmentation_generator(
+    predictor,
+    is_tiled: bool,
+    decoder=None,
+    segmentation_mode: Optional[str] = None,
+    **kwargs,
+):
+    """The automatic segmentation class for a predictor (and decoder).
+
+    Args:
+        predictor: The segment_anything ``SamPredictor``.
+        is_tiled: Whether the embeddings will be tiled.
+        decoder: The AIS decoder, if the model has one.
+        segmentation_mode: "amg" (point grid) or "ais" (decoder). None: "ais" with a decoder, else "amg".
+            ("apg", automatic prompt generation from micro_sam 1.8, is not available.)
+        kwargs: Arguments of the class's constructor (e.g. ``points_per_side`` for AMG).
+
+    Returns:
+        An ``AutomaticMaskGenerator`` / ``TiledAutomaticMaskGenerator`` or an
+        ``InstanceSegmentationWithDecoder`` / ``TiledInstanceSegmentationWithDecoder``.
+
+    Raises:
+        ValueError: Unknown mode, or "ais" without a decoder.
+    """
+    if segmentation_mode is None or str(segmentation_mode).lower() == "auto":
+        segmentation_mode = "amg" if decoder is None else DEFAULT_SEGMENTATION_MODE_WITH_DECODER
+    mode = str(segmentation_mode).lower()
+    if mode == "amg":
+        cls = TiledAutomaticMaskGenerator if is_tiled else AutomaticMaskGenerator
+        return cls(predictor, **kwargs)
+    if mode == "ais":
+        if decoder is None:
+            raise ValueError("segmentation_mode='ais' needs a decoder; this model has none. Use a model with a "
+                             "decoder (e.g. 'vit_b_lm') or segmentation_mode='amg'.")
+        cls = TiledInstanceSegmentationWithDecoder if is_tiled else InstanceSegmentationWithDecoder
+        return cls(predictor, decoder, **kwargs)
+    if mode == "apg":
+        raise ValueError("segmentation_mode='apg' (automatic prompt generation) is not supported; "
+                         "use 'ais' or 'amg'.")
+    raise ValueError(f"Invalid segmentation_mode {segmentation_mode!r}; choose one of {', '.join(_MODES)}.")
+
+
+__all__ = ["AMGBase", "DEFAULT_SEGMENTATION_MODE_WITH_DECODER", "get_instance_segmentation_generator"]
