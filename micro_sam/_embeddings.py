@@ -64,6 +64,8 @@ def encode_images(predictor, images: Sequence[np.ndarray]):
     """
     import torch
 
+    from .models.precision import encoder_precision
+
     sam = predictor.model
     tensors, original_sizes, input_sizes = [], [], []
     for image in images:
@@ -74,13 +76,8 @@ def encode_images(predictor, images: Sequence[np.ndarray]):
         tensors.append(sam.preprocess(tensor))
     batch = torch.cat(tensors)
     dtype = getattr(predictor, "_encoder_dtype", None)
-    with torch.inference_mode():
-        if dtype is not None and dtype != torch.float32:
-            with torch.autocast(device_type=batch.device.type, dtype=dtype):
-                features = sam.image_encoder(batch)
-            features = features.float()
-        else:
-            features = sam.image_encoder(batch)
+    with torch.inference_mode(), encoder_precision(dtype, batch.device.type):
+        features = sam.image_encoder(batch).float()
     predictor.reset_image()
     predictor.features = features[-1:].clone()
     predictor.original_size, predictor.input_size = original_sizes[-1], input_sizes[-1]

@@ -73,13 +73,21 @@ def get_sam_model(
     flexible_load_checkpoint: bool = False,
     progress_bar_factory: Optional[Callable] = None,
     decoder_path: Optional[Union[str, os.PathLike]] = None,
+    precision: str = "float32",
     **model_kwargs,
 ):
-    """See :func:`micro_sam.util.get_sam_model`."""
+    """See :func:`micro_sam.util.get_sam_model`.
+
+    ``precision`` ("float32", "bfloat16" or "float16") selects the opt-in reduced precision of the image encoder,
+    see :mod:`micro_sam.models.precision`. The ViT encoders always get the faster, equivalent attention of
+    :func:`micro_sam.models.fast_attention.optimize_sam`.
+    """
     from segment_anything import SamPredictor
 
     from . import _checkpoints
     from .models.build_sam import sam_model_registry
+    from .models.fast_attention import optimize_sam
+    from .models.precision import resolve_precision, set_precision
 
     if not isinstance(model_type, str) or model_type[:5] not in _registry._ARCHITECTURES:
         raise ValueError(
@@ -91,6 +99,7 @@ def get_sam_model(
     if peft_kwargs:
         raise NotImplementedError("Parameter-efficient finetuning (peft_kwargs) is not supported by this package.")
     device = get_device(device)
+    resolve_precision(precision, device)  # fail before loading anything
     checkpoint_path, model_hash, decoder_path = _resolve_files(
         model_type, checkpoint_path, decoder_path, progress_bar_factory
     )
@@ -107,8 +116,10 @@ def get_sam_model(
         _checkpoints.load_model_state(sam, model_state, checkpoint_path)
     sam.to(device=device)
     sam.eval()
+    optimize_sam(sam)
 
     predictor = SamPredictor(sam)
+    set_precision(predictor, precision)
     predictor.model_type = architecture
     predictor.model_name = model_type
     predictor._hash = model_hash
