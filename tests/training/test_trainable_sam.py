@@ -1,0 +1,112 @@
+import numpy as np
+import pytest
+import torch
+
+from micro_sam.training import ConvertToSamInputs, TrainableSAM, get_trainable_sam_model
+
+from ._helpers import small_sam
+
+
+def test_preprocess_matches_segment_anything_for_square_images():
+    sam = small_sam()
+    model = TrainableSAM(sam)
+    x = torch.rand(2, 3, 64, 64) * 255
+    processed, input_size = model.preprocess(x)
+    assert input_size == (256, 256) and processed.shape == (2, 3, 256, 256)
+    expected = sam.preprocess(torch.nn.functional.interpolate(x, (256, 256), mode="bilinear", align_corners=False,
+                                                              antialias=True))
+    assert torch.allclose(processed, expected, atol=1e-4)
+
+
+def test_preprocess_keeps_the_aspect_ratio():
+    model = TrainableSAM(small_sam())
+    # Grayscale (one channel, broadcast to RGB), batch of 2, 64 x 32: resized to 256 x 128 and padded.
+    x = torch.full((2, 1, 64, 32), 100.0)
+    processed, input_size = model.preprocess(x)
+    assert input_size == (256, 128)
+    assert processed.shape == (2, 3, 256, 256)
+    expected = (100.0 - model.sam.pixel_mean.flatten()) / model.sam.pixel_std.flatten()
+    assert torch.allclose(processed[0, :, 10, 10], expected, atol=1e-4)
+    assert torch.all(processed[:, :, :, 128:] == 0)
+
+
+def test_forward_matches_sam_predictor():
+    from segment_anything import SamPredictor
+
+    sam = small_sam(seed=1).eval()
+    model = TrainableSAM(sam)
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, size=(48, 64, 3)).astype("uint8")
+    predictor = SamPredictor(sam)
+    predictor.set_image(image)
+
+    x = torch.from_numpy(image).permute(2, 0, 1).float()
+    record = {"image": x, "original_size": (48, 64)}
+    coords = torch.tensor([[[10.0, 20.0]], [[40.0, 5.0]]])  # (x, y) in the original image
+    record["point_coords"] = model.transform.apply_coords_torch(coords, (48, 64))
+    record["point_labels"] = torch.ones(2, 1, dtype=torch.int64)
+    with torch.no_grad():
+        embeddings, (record,) = model.image_embeddings_oft([record])
+        output = model([record], embeddings, multimask_output=True)[0]
+        masks, iou, low_res = predictor.predict_torch(
+            predictor.transform.apply_coords_torch(coords, (48, 64)), torch.ones(2, 1), multimask_output=True,
+            return_logits=True,
+        )
+    # The predictor resizes with PIL on uint8, the training model with torch on floats: close, not equal.
+    assert torch.allclose(embeddings, predictor.features, atol=0.05)
+    assert output["low_res_masks"].shape == (2, 3, 64, 64) and output["masks"].shape == (2, 3, 48, 64)
+    with torch.no_grad():
+        again = model([record], predictor.features, multimask_output=True)[0]
+    assert torch.allclose(again["low_res_masks"], low_res, atol=1e-4)
+    assert torch.allclose(again["iou_predictions"], iou, atol=1e-5)
+    assert torch.allclose(again["masks"], masks, atol=1e-3)
+
+
+def test_convert_to_sam_inputs_gives_prompts_of_the_sampled_objects():
+    labels = np.zeros((40, 80), dtype="int64")
+    labels[5:15, 10:30] = 3
+    labels[20:35, 50:70] = 7
+    x = torch.zeros(1, 1, 40, 80)
+    y = torch.from_numpy(labels)[None, None].float()
+    model = TrainableSAM(small_sam())
+    convert = ConvertToSamInputs(transform=model.transform)
+
+    (record,), (ids,) = convert(x, y, n_pos=2, n_neg=0, get_boxes=True)
+    assert ids.tolist() == [3, 7]
+    # Model input: the 40 x 80 image is resized by 256 / 80 = 3.2.
+    assert torch.allclose(record["boxes"], torch.tensor([[10, 5, 30, 15], [50, 20, 70, 35]]) * 3.2)
+    points = record["point_coords"] / 3.2  # back to (x, y) in the image
+    for obj, label_id in enumerate(ids):
+        for px, py in points[obj].round().long().tolist():
+            assert labels[py, px] == label_id
+    assert record["point_labels"].tolist() == [[1, 1], [1, 1]]
+
+    (record,), (ids,) = convert(x, y, n_pos=0, n_neg=0, get_boxes=True, n_samples=1)
+    assert len(ids) == 1 and ids[0] in (3, 7) and "point_coords" not in record
+
+    with pytest.raises(ValueError, match="no objects"):
+        convert(x, torch.zeros_like(y), 1, 0)
+
+
+def test_box_distortion_stays_in_the_image():
+    labels = np.zeros((40, 80), dtype="int64")
+    labels[0:10, 0:80] = 1
+    convert = ConvertToSamInputs(transform=None, box_distortion_factor=0.5)
+    np.random.seed(0)
+    (record,), _ = convert(torch.zeros(1, 1, 40, 80), torch.from_numpy(labels)[None, None].float(), 0, 0, True)
+    x0, y0, x1, y1 = record["boxes"][0].tolist()
+    assert (x0, y0, x1) == (0, 0, 80) and 10 <= y1 <= 15
+
+
+def test_get_trainable_sam_model_freezes_and_checks(vit_t_checkpoint):
+    model = get_trainable_sam_model("vit_t", device="cpu", checkpoint_path=vit_t_checkpoint,
+                                    freeze=["image_encoder", "prompt_encoder"])
+    assert isinstance(model, TrainableSAM)
+    trainable = {n.split(".")[1] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"mask_decoder"}
+    with pytest.raises(ValueError, match="holds a vit_t model.*asks for vit_b"):
+        get_trainable_sam_model("vit_b", device="cpu", checkpoint_path=vit_t_checkpoint)
+    with pytest.raises(ValueError, match="Cannot freeze 'encoder'.*image_encoder, prompt_encoder, mask_decoder"):
+        get_trainable_sam_model("vit_t", device="cpu", checkpoint_path=vit_t_checkpoint, freeze="encoder")
+    with pytest.raises(NotImplementedError):
+        get_trainable_sam_model("vit_t", device="cpu", checkpoint_path=vit_t_checkpoint, peft_kwargs={"rank": 2})
