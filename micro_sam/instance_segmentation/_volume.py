@@ -61,3 +61,53 @@ def segment_slices(
         segmentation[z] = np.where(seg != 0, seg.astype("uint32") + offset, 0)
         offset += n
     return segmentation, image_embeddings
+
+
+def automatic_3d_segmentation(
+    volume: np.ndarray,
+    predictor,
+    segmentor,
+    embedding_path: Optional[Union[str, os.PathLike]] = None,
+    with_background: bool = True,
+    gap_closing: Optional[int] = None,
+    min_z_extent: Optional[int] = None,
+    tile_shape: Optional[Tuple[int, int]] = None,
+    halo: Optional[Tuple[int, int]] = None,
+    verbose: bool = True,
+    return_embeddings: bool = False,
+    batch_size: int = 1,
+    **kwargs,
+):
+    """Segment a volume: every slice in 2D (:func:`segment_slices`), then objects merged across slices with
+    ``multi_dimensional_segmentation.merge_instance_segmentation_3d`` (micro_sam 1.8's signature; this is the
+    implementation behind ``micro_sam.multi_dimensional_segmentation.automatic_3d_segmentation``).
+
+    Args:
+        volume: (Z, Y, X) or (Z, Y, X, C) volume.
+        predictor: The segment_anything ``SamPredictor``.
+        segmentor: The segmenter (AMG or AIS class; tiled with ``tile_shape``).
+        embedding_path: Zarr path to cache the embeddings in.
+        with_background: Whether the data has background (passed to the merge).
+        gap_closing: Close gaps of up to this many slices in objects (binary closing along z).
+        min_z_extent: Remove objects spanning fewer slices.
+        tile_shape: (y, x) tile shape for tiled embeddings.
+        halo: (y, x) overlap for tiled embeddings.
+        verbose: Show progress bars.
+        return_embeddings: Also return the embeddings.
+        batch_size: Slices (or tiles) per encoder pass.
+        kwargs: Arguments of ``segmentor.generate``.
+
+    Returns:
+        The (Z, Y, X) uint32 segmentation (and the embeddings if requested).
+    """
+    from ..multi_dimensional_segmentation import merge_instance_segmentation_3d
+
+    segmentation, image_embeddings = segment_slices(
+        volume, predictor, segmentor, embedding_path=embedding_path, verbose=verbose, tile_shape=tile_shape,
+        halo=halo, batch_size=batch_size, **kwargs,
+    )
+    segmentation = merge_instance_segmentation_3d(
+        segmentation, beta=0.5, with_background=with_background, gap_closing=gap_closing,
+        min_z_extent=min_z_extent, verbose=verbose,
+    )
+    return (segmentation, image_embeddings) if return_embeddings else segmentation

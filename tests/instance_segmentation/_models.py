@@ -47,7 +47,7 @@ class _StubImageEncoder(torch.nn.Module):
         self.img_size = img_size
 
     def forward(self, x):
-        return torch.zeros(x.shape[0], 256, self.img_size // 16, self.img_size // 16, device=x.device)
+        return torch.ones(x.shape[0], 256, self.img_size // 16, self.img_size // 16, device=x.device)
 
 
 class _StubPromptEncoder(torch.nn.Module):
@@ -184,8 +184,9 @@ class StubDecoder(torch.nn.Module):
     """A stand-in for the AIS decoder that returns given maps (3, H, W) of the full image.
 
     With ``tiling=(tile_shape, halo)`` it returns the maps of the tile whose id is stored in the embeddings
-    (``features[0, 0, 0, 0]``, see :func:`tiled_embeddings_with_ids`); with ``by_slice`` the maps are
-    (3, Z, H, W) and the slice index is read from the embeddings the same way.
+    (``features[0, 0, 0, 0]``, see :func:`tiled_embeddings_with_ids`). With ``by_slice`` the maps are
+    (3, Z, H, W): ``by_slice="features"`` reads the slice index from the embeddings the same way,
+    ``by_slice="calls"`` assumes the slices are predicted in order 0, 1, ... (and repeats).
     """
 
     def __init__(self, maps, tiling=None, by_slice=False, encoder_img_size=None):
@@ -202,7 +203,9 @@ class StubDecoder(torch.nn.Module):
         self.calls += 1
         maps = self.maps
         key = int(round(float(input_[0, 0, 0, 0])))
-        if self.by_slice:
+        if self.by_slice == "calls":
+            maps = maps[:, (self.calls - 1) % maps.shape[1]]
+        elif self.by_slice:
             maps = maps[:, key]
         if self.tiling is not None:
             tile = _tiling.get_tile(key, tuple(maps.shape[1:]), *self.tiling)

@@ -1,0 +1,215 @@
+"""automatic_instance_segmentation / get_predictor_and_segmenter and the micro_sam.automatic_segmentation CLI."""
+import os
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from micro_sam.automatic_segmentation import (
+    automatic_instance_segmentation, get_predictor_and_segmenter, main,
+)
+from micro_sam.instance_segmentation import (
+    AutomaticMaskGenerator, InstanceSegmentationWithDecoder, TiledAutomaticMaskGenerator,
+)
+
+from instance_segmentation._models import StubDecoder, make_stub_predictor
+from instance_segmentation._targets import decoder_targets
+from instance_segmentation.test_postprocessing import _matched_ious
+
+
+@pytest.fixture(scope="module")
+def nuclei():
+    from micro_sam.sample_data import synthetic_nuclei_2d
+
+    image, labels = synthetic_nuclei_2d(shape=(128, 160), seed=1)
+    return image, labels, np.stack(decoder_targets(labels))
+
+
+def _ais(labels, maps, img_size=256, **kwargs):
+    predictor, _ = make_stub_predictor(labels, img_size=img_size)
+    decoder = StubDecoder(maps, **kwargs)
+    return predictor, InstanceSegmentationWithDecoder(predictor, decoder), decoder
+
+
+def test_get_predictor_and_segmenter_choices(nuclei):
+    _, labels, _ = nuclei
+    predictor, _ = make_stub_predictor(labels, img_size=256)
+    _, segmenter = get_predictor_and_segmenter("vit_b", predictor=predictor, state={}, points_per_side=4)
+    assert isinstance(segmenter, AutomaticMaskGenerator)
+    _, tiled = get_predictor_and_segmenter("vit_b", predictor=predictor, state={}, is_tiled=True)
+    assert isinstance(tiled, TiledAutomaticMaskGenerator)
+    with pytest.raises(ValueError, match="needs an instance segmentation decoder"):
+        get_predictor_and_segmenter("vit_b", predictor=predictor, state={}, segmentation_mode="ais")
+    with pytest.raises(ValueError, match="state"):
+        get_predictor_and_segmenter("vit_b", predictor=predictor)
+
+
+def test_segment_array_and_write(nuclei, tmp_path, capsys):
+    image, labels, maps = nuclei
+    predictor, segmenter, decoder = _ais(labels, maps)
+    out = tmp_path / "out" / "labels"  # ".tif" is added, the folder is created
+    seg = automatic_instance_segmentation(predictor, segmenter, image, output_path=out, verbose=False,
+                                          foreground_smoothing=0)
+    ious, one_to_one = _matched_ious(seg, labels)
+    assert one_to_one and ious.min() > 0.9 and seg.max() == labels.max()
+    written = tmp_path / "out" / "labels.tif"
+    np.testing.assert_array_equal(tifffile.imread(written), seg)
+    assert sorted(os.listdir(tmp_path / "out")) == ["labels.tif"]  # no temporary files left
+    assert decoder.calls == 1
+
+    # An existing output is not recomputed (and said so), unless overwrite=True.
+    again = automatic_instance_segmentation(predictor, segmenter, image, output_path=written, verbose=False)
+    assert "exists already" in capsys.readouterr().out
+    assert decoder.calls == 1
+    np.testing.assert_array_equal(again, seg)
+    automatic_instance_segmentation(predictor, segmenter, image, output_path=written, verbose=False,
+                                    overwrite=True, min_size=10 ** 6)
+    assert decoder.calls == 2 and tifffile.imread(written).max() == 0
+
+
+def test_segment_file_with_embedding_cache(nuclei, tmp_path):
+    import imageio.v3 as imageio
+
+    image, labels, maps = nuclei
+    path = tmp_path / "image.tif"
+    imageio.imwrite(path, image)
+    predictor, segmenter, _ = _ais(labels, maps)
+    seg, embeddings = automatic_instance_segmentation(
+        predictor, segmenter, path, embedding_path=tmp_path / "emb.zarr", verbose=False, return_embeddings=True)
+    assert (tmp_path / "emb.zarr").exists() and tuple(embeddings["original_size"]) == labels.shape
+    assert seg.max() == labels.max()
+
+
+def test_bad_inputs(nuclei, tmp_path):
+    image, labels, maps = nuclei
+    predictor, segmenter, _ = _ais(labels, maps)
+    with pytest.raises(ValueError, match="does not exist"):
+        automatic_instance_segmentation(predictor, segmenter, tmp_path / "missing.tif", verbose=False)
+    broken = tmp_path / "broken.tif"
+    broken.write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="Could not read"):
+        automatic_instance_segmentation(predictor, segmenter, broken, verbose=False)
+    volume = np.stack([image] * 20)
+    with pytest.raises(ValueError, match="ndim=2"):
+        automatic_instance_segmentation(predictor, segmenter, volume, ndim=2, verbose=False)
+    with pytest.raises(ValueError, match="not tiled"):
+        automatic_instance_segmentation(predictor, segmenter, image, tile_shape=(64, 64), halo=(8, 8),
+                                        verbose=False)
+    with pytest.raises(ValueError, match="annotator"):
+        automatic_instance_segmentation(predictor, segmenter, image, annotate=True, verbose=False)
+
+
+def test_segment_volume(tmp_path):
+    """Per-slice AIS merged into 3D: objects that continue over slices become single 3D objects."""
+    from skimage.draw import disk
+
+    labels = np.zeros((4, 64, 80), dtype="uint32")
+    for k, (center, z0, z1) in enumerate([((20, 20), 0, 4), ((40, 55), 1, 3), ((45, 20), 0, 2)], start=1):
+        rr, cc = disk(center, 9, shape=labels.shape[1:])
+        labels[z0:z1, rr, cc] = k
+    maps = np.stack([np.stack(decoder_targets(s)) for s in labels], axis=1)  # (3, Z, Y, X)
+    # (3D embeddings need the 1024 input size of the real models.)
+    predictor, segmenter, decoder = _ais(labels[0], maps, img_size=1024, by_slice="calls")
+    seg = automatic_instance_segmentation(predictor, segmenter, labels.astype("float32"), ndim=3, verbose=False,
+                                          foreground_smoothing=0)
+    assert decoder.calls == 4 and seg.shape == labels.shape
+    assert seg.max() == 3
+    for k in (1, 2, 3):
+        ids = np.unique(seg[labels == k])
+        assert len(ids) == 1 and ids[0] != 0
+        assert (seg == ids[0]).sum() >= 0.95 * (labels == k).sum()
+
+
+# --- command line ---------------------------------------------------------------------------------------------
+def test_cli_help(capsys):
+    with pytest.raises(SystemExit) as error:
+        main(["--help"])
+    assert error.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--input_path", "--output_path", "--embedding_path", "--overwrite", "--overlay", "--tile_shape",
+                   "--mode", "--pattern", "center_distance_threshold", "pred_iou_thresh"):
+        assert option in text
+
+
+def _cli_images(folder, names):
+    import imageio.v3 as imageio
+
+    rng = np.random.default_rng(0)
+    folder.mkdir(exist_ok=True)
+    for name in names:
+        imageio.imwrite(folder / f"{name}.png", rng.integers(0, 255, (48, 64), dtype="uint8"))
+
+
+def _cli_args(checkpoint):
+    return ["-m", "vit_t", "-c", str(checkpoint), "-d", "cpu", "--points_per_side", "2",
+            "--pred_iou_thresh", "0", "--stability_score_thresh", "0"]
+
+
+def test_cli_single_image(vit_t_checkpoint, tmp_path, capsys):
+    import imageio.v3 as imageio
+
+    _cli_images(tmp_path / "images", ["a"])
+    out = tmp_path / "single.tif"
+    assert main(["-i", str(tmp_path / "images" / "a.png"), "-o", str(out), "-e", str(tmp_path / "a.zarr"),
+                 "--overlay"] + _cli_args(vit_t_checkpoint)) == 0
+    labels = tifffile.imread(out)
+    assert labels.shape == (48, 64) and labels.dtype == np.uint32
+    assert imageio.imread(tmp_path / "single_overlay.png").shape == (48, 64, 3)
+    assert (tmp_path / "a.zarr" / "zarr.json").exists()
+    assert sorted(os.listdir(tmp_path)) == ["a.zarr", "images", "single.tif", "single_overlay.png"]
+
+    # An existing output is skipped with a message (without loading the model).
+    mtime = os.path.getmtime(out)
+    capsys.readouterr()
+    assert main(["-i", str(tmp_path / "images" / "a.png"), "-o", str(out)] + _cli_args(vit_t_checkpoint)) == 0
+    assert "Skipping" in capsys.readouterr().out and os.path.getmtime(out) == mtime
+
+
+def test_cli_folder(vit_t_checkpoint, tmp_path, capsys):
+    _cli_images(tmp_path / "images", ["a", "b"])
+    out = tmp_path / "labels"
+    out.mkdir()
+    tifffile.imwrite(out / "a.tif", np.full((48, 64), 7, dtype="uint32"))  # exists: skipped
+    assert main(["-i", str(tmp_path / "images"), "-o", str(out), "-e", str(tmp_path / "embeddings")]
+                + _cli_args(vit_t_checkpoint)) == 0
+    assert "Skipping" in capsys.readouterr().out
+    assert sorted(os.listdir(out)) == ["a.tif", "b.tif"]
+    assert tifffile.imread(out / "a.tif").max() == 7
+    assert tifffile.imread(out / "b.tif").shape == (48, 64)
+    assert sorted(os.listdir(tmp_path / "embeddings")) == ["b.zarr"]
+
+
+def test_cli_errors(vit_t_checkpoint, tmp_path, capsys):
+    with pytest.raises(SystemExit) as error:
+        main(["-i", str(tmp_path / "missing.tif"), "-o", str(tmp_path / "out.tif")])
+    assert error.value.code == 2 and "does not exist" in capsys.readouterr().err
+    image = tmp_path / "image.tif"
+    tifffile.imwrite(image, np.zeros((32, 32), dtype="uint8"))
+    with pytest.raises(SystemExit):
+        main(["-i", str(image), "-o", str(tmp_path / "out.tif"), "-m", "vit_t", "-c", str(vit_t_checkpoint),
+              "-d", "cpu", "--no_such_parameter", "1"])
+    assert "Unknown parameter" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["-i", str(image), "-o", str(tmp_path / "out.tif"), "--tile_shape", "16", "16"])
+    assert "--halo" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_ais_with_exported_model(tmp_path):
+    """A vit_t model with a (random) decoder in the exported {model_state, decoder_state} format runs AIS."""
+    from micro_sam.instance_segmentation import get_unetr
+    from micro_sam.models.build_sam import sam_model_registry
+
+    torch.manual_seed(0)
+    sam = sam_model_registry["vit_t"]()
+    unetr = get_unetr(sam.image_encoder, device="cpu")
+    decoder_state = {k: v for k, v in unetr.state_dict().items() if not k.startswith("encoder.")}
+    checkpoint = tmp_path / "vit_t_ais.pt"
+    torch.save({"model_state": sam.state_dict(), "decoder_state": decoder_state}, checkpoint)
+    image = tmp_path / "image.tif"
+    tifffile.imwrite(image, np.random.default_rng(0).integers(0, 255, (64, 80), dtype="uint8"))
+    out = tmp_path / "labels.tif"
+    assert main(["-i", str(image), "-o", str(out), "-m", "vit_t", "-c", str(checkpoint), "-d", "cpu",
+                 "--center_distance_threshold", "0.6"]) == 0
+    assert tifffile.imread(out).shape == (64, 80)
