@@ -1,0 +1,102 @@
+"""Builders for the SAM models by encoder name (``vit_h``, ``vit_l``, ``vit_b``, ``vit_t``).
+
+Every builder has the signature ``fn(checkpoint=None) -> segment_anything.modeling.Sam``. Without a
+checkpoint the model has random weights, ready for ``load_state_dict``; with a checkpoint path the state
+dict stored there is loaded (on CPU, ``weights_only=True``, strict).
+"""
+import os
+from typing import Callable, Dict, Optional, Union
+
+import torch
+from segment_anything.build_sam import build_sam_vit_b as _sa_vit_b
+from segment_anything.build_sam import build_sam_vit_h as _sa_vit_h
+from segment_anything.build_sam import build_sam_vit_l as _sa_vit_l
+from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+from .tiny_vit import TinyViT
+
+__all__ = ["sam_model_registry", "build_sam_vit_h", "build_sam_vit_l", "build_sam_vit_b", "build_sam_vit_t"]
+
+PathLike = Union[str, os.PathLike]
+
+
+def _load_checkpoint(sam: Sam, checkpoint: Optional[PathLike]) -> Sam:
+    if checkpoint is not None:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        sam.load_state_dict(state, strict=True)
+    return sam
+
+
+def build_sam_vit_h(checkpoint: Optional[PathLike] = None) -> Sam:
+    """SAM with the ViT-H image encoder (segment_anything's architecture)."""
+    return _load_checkpoint(_sa_vit_h(None), checkpoint)
+
+
+def build_sam_vit_l(checkpoint: Optional[PathLike] = None) -> Sam:
+    """SAM with the ViT-L image encoder (segment_anything's architecture)."""
+    return _load_checkpoint(_sa_vit_l(None), checkpoint)
+
+
+def build_sam_vit_b(checkpoint: Optional[PathLike] = None) -> Sam:
+    """SAM with the ViT-B image encoder (segment_anything's architecture)."""
+    return _load_checkpoint(_sa_vit_b(None), checkpoint)
+
+
+def build_sam_vit_t(checkpoint: Optional[PathLike] = None) -> Sam:
+    """SAM with the TinyViT image encoder of MobileSAM (``vit_t``), for 1024x1024 inputs.
+
+    The image embedding has shape ``(B, 256, 64, 64)``; prompt encoder and mask decoder are SAM's.
+
+    Args:
+        checkpoint: Optional path to a state dict of the full model to load.
+
+    Returns:
+        The model, in training mode as built by ``torch.nn.Module``.
+    """
+    prompt_embed_dim, image_size = 256, 1024
+    embedding_size = image_size // 16
+    encoder = TinyViT(
+        img_size=image_size,
+        in_chans=3,
+        num_classes=1000,
+        embed_dims=[64, 128, 160, 320],
+        depths=[2, 2, 6, 2],
+        num_heads=[2, 4, 5, 10],
+        window_sizes=[7, 7, 14, 7],
+        mlp_ratio=4.0,
+        drop_rate=0.0,
+        drop_path_rate=0.0,
+        use_checkpoint=False,
+        mbconv_expand_ratio=4.0,
+        local_conv_size=3,
+        layer_lr_decay=0.8,
+    )
+    sam = Sam(
+        image_encoder=encoder,
+        prompt_encoder=PromptEncoder(
+            embed_dim=prompt_embed_dim,
+            image_embedding_size=(embedding_size, embedding_size),
+            input_image_size=(image_size, image_size),
+            mask_in_chans=16,
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(depth=2, embedding_dim=prompt_embed_dim, mlp_dim=2048, num_heads=8),
+            transformer_dim=prompt_embed_dim,
+            iou_head_depth=3,
+            iou_head_hidden_dim=256,
+        ),
+        pixel_mean=[123.675, 116.28, 103.53],
+        pixel_std=[58.395, 57.12, 57.375],
+    )
+    return _load_checkpoint(sam, checkpoint)
+
+
+#: Model builders by encoder name; ``"default"`` is ``vit_h`` as in segment_anything.
+sam_model_registry: Dict[str, Callable[..., Sam]] = {
+    "default": build_sam_vit_h,
+    "vit_h": build_sam_vit_h,
+    "vit_l": build_sam_vit_l,
+    "vit_b": build_sam_vit_b,
+    "vit_t": build_sam_vit_t,
+}
