@@ -24,19 +24,18 @@ class DerivedTensorCache:
 
     A source counts as changed when its device, dtype, shape, storage address or in-place version
     counter changes. The version counter catches ``load_state_dict``, optimizer steps and any other
-    in-place update; the address catches ``.to(...)``/``.data = ...`` replacements.
+    in-place update; the address catches ``.to(...)``/``.data = ...`` replacements. In-place writes through
+    ``tensor.data`` bypass the version counter: call ``.eval()`` again afterwards (it clears the caches).
     The cache is bypassed (the value is recomputed, with autograd) whenever gradients are enabled and
     a source requires them, so training sees a differentiable value.
     """
 
     def __init__(self) -> None:
-        self._key: Optional[Hashable] = None
-        self._value = None
+        self._entry: Optional[Tuple[Hashable, object]] = None  # (key, value), replaced as a whole
 
     def clear(self) -> None:
         """Drop the cached value."""
-        self._key = None
-        self._value = None
+        self._entry = None
 
     def get(self, sources: Sequence[torch.Tensor], compute: Callable[[], object], extra_key: Hashable = None):
         """Return ``compute()``, reusing the previous result while ``sources`` are unchanged.
@@ -57,13 +56,15 @@ class DerivedTensorCache:
         except RuntimeError:  # inference-mode tensors have no version counter
             return compute()
         key = (key, extra_key)
-        if key != self._key:
-            # Build a normal tensor even when called inside torch.inference_mode, so that the cached
-            # value can be used later outside of it.
-            with torch.inference_mode(False), torch.no_grad():
-                self._value = compute()
-            self._key = key
-        return self._value
+        entry = self._entry
+        if entry is not None and entry[0] == key:
+            return entry[1]
+        # Build normal tensors even when called inside torch.inference_mode, so that the cached value can
+        # be used later outside of it.
+        with torch.inference_mode(False), torch.no_grad():
+            value = compute()
+        self._entry = (key, value)
+        return value
 
 
 class DropPath(nn.Module):
