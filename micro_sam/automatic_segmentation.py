@@ -23,15 +23,15 @@ import numpy as np
 
 from . import util
 from .instance_segmentation import (
-    DEFAULT_SEGMENTATION_MODE_WITH_DECODER, AMGBase, AutomaticMaskGenerator, InstanceSegmentationWithDecoder,
-    TiledAutomaticMaskGenerator, TiledInstanceSegmentationWithDecoder, get_decoder,
-    get_instance_segmentation_generator,
+    DEFAULT_SEGMENTATION_MODE_WITH_DECODER, AMGBase, AutomaticMaskGenerator, AutomaticPromptGenerator,
+    InstanceSegmentationWithDecoder, TiledAutomaticMaskGenerator, TiledAutomaticPromptGenerator,
+    TiledInstanceSegmentationWithDecoder, get_decoder, get_instance_segmentation_generator,
 )
 
 __all__ = ["get_predictor_and_segmenter", "automatic_instance_segmentation", "automatic_tracking", "main"]
 
 _IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
-_TILED_CLASSES = (TiledAutomaticMaskGenerator, TiledInstanceSegmentationWithDecoder)
+_TILED_CLASSES = (TiledAutomaticMaskGenerator, TiledInstanceSegmentationWithDecoder)  # (APG: a subclass)
 
 
 # --- model and segmenter ------------------------------------------------------------------------------------
@@ -51,8 +51,8 @@ def get_predictor_and_segmenter(
         model_type: A registered model name (e.g. "vit_b_lm") or, with ``checkpoint``, its architecture.
         checkpoint: A local checkpoint to load instead of the registered weights.
         device: "cpu", "cuda", "mps", ...; None picks the best available device.
-        segmentation_mode: "ais" (decoder), "amg" (point grid) or None / "auto": AIS if the model has a
-            decoder, else AMG.
+        segmentation_mode: "ais" (decoder), "apg" (SAM prompted from the decoder's maps), "amg" (point grid)
+            or None / "auto": AIS if the model has a decoder, else AMG.
         is_tiled: Return the tiled variant (for tiled embeddings of large images).
         predictor: An already loaded predictor (then ``state`` must be given too and nothing is loaded).
         state: The checkpoint state of ``predictor`` (from ``util.get_sam_model(..., return_state=True)``).
@@ -405,6 +405,8 @@ def _parameters(function) -> List[str]:
 def _segmenter_classes(mode: str, tiled: bool):
     if mode == "amg":
         return TiledAutomaticMaskGenerator if tiled else AutomaticMaskGenerator
+    if mode == "apg":
+        return TiledAutomaticPromptGenerator if tiled else AutomaticPromptGenerator
     return TiledInstanceSegmentationWithDecoder if tiled else InstanceSegmentationWithDecoder
 
 
@@ -434,13 +436,15 @@ def _build_parser():
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=(
             "Segment all objects in images or volumes automatically and write label images (zlib-compressed tif).\n\n"
-            "Modes: AIS (instance segmentation with the decoder of models such as vit_b_lm) or AMG (SAM's "
-            "automatic mask generation with a point grid; for models without a decoder).\n"
+            "Modes: AIS (instance segmentation with the decoder of models such as vit_b_lm), APG (SAM prompted "
+            "with points derived from the decoder) or AMG (SAM's automatic mask generation with a point grid; "
+            "for models without a decoder).\n"
             "Existing outputs are skipped (with a message) unless --overwrite is given; results are written to a "
             "temporary file first and renamed when complete.\n\n"
             "Further segmenter parameters can be added as --name value, e.g.\n"
             "  AIS: --center_distance_threshold 0.5 --boundary_distance_threshold 0.5 --foreground_threshold 0.5\n"
             "       --foreground_smoothing 1.0 --distance_smoothing 1.6 --min_size 0\n"
+            "  APG: --min_size 25 --nms_threshold 0.9 --multimasking true --refine_with_box_prompts true\n"
             "  AMG: --points_per_side 32 --points_per_batch 64 --pred_iou_thresh 0.88 --stability_score_thresh 0.95\n"
             "       --box_nms_thresh 0.7 --min_mask_region_area 0 --with_background true\n"
             "  volumes: --gap_closing N --min_z_extent N (3D merge of the per-slice segmentations)"
@@ -461,9 +465,10 @@ def _build_parser():
                         help=f"The model (default: {util._DEFAULT_MODEL}); a registered name or, with --checkpoint, "
                              "the architecture (vit_t, vit_b, vit_l, vit_h).")
     parser.add_argument("-c", "--checkpoint", default=None, help="A local model checkpoint to use.")
-    parser.add_argument("--mode", default="auto", choices=["auto", "ais", "amg"],
-                        help="Segmentation mode: 'ais' (decoder), 'amg' (point grid) or 'auto' (default: AIS if the "
-                             "model has a decoder, else AMG).")
+    parser.add_argument("--mode", default="auto", choices=["auto", "ais", "apg", "amg"],
+                        help="Segmentation mode: 'ais' (decoder), 'apg' (SAM prompted with points derived from the "
+                             "decoder), 'amg' (point grid) or 'auto' (default: AIS if the model has a decoder, "
+                             "else AMG).")
     parser.add_argument("--tile_shape", nargs=2, type=int, default=None, metavar=("Y", "X"),
                         help="Process large images in tiles of this shape, e.g. --tile_shape 1024 1024.")
     parser.add_argument("--halo", nargs=2, type=int, default=None, metavar=("Y", "X"),

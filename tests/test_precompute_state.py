@@ -90,9 +90,9 @@ def test_precompute_cli(vit_t_checkpoint, tmp_path, capsys):
 def test_precompute_state_folder_with_amg_state(vit_t_checkpoint, tmp_path):
     folder = tmp_path / "images"
     folder.mkdir()
-    for name in ("a", "b"):
-        tifffile.imwrite(folder / f"{name}.tif", np.random.default_rng(1).integers(0, 255, (40, 56), dtype="uint8"))
+    tifffile.imwrite(folder / "a.tif", np.random.default_rng(1).integers(0, 255, (40, 56), dtype="uint8"))
+    folder.joinpath("notes.txt").write_text("not matched by the pattern")
     precompute_state(folder, tmp_path / "out", pattern="*.tif", model_type="vit_t",
                      checkpoint_path=vit_t_checkpoint, precompute_amg_state=True, device="cpu")
-    for name in ("a", "b"):
-        assert (tmp_path / "out" / f"{name}.zarr" / "amg_state" / "state").is_dir()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.zarr"]
+    assert (tmp_path / "out" / "a.zarr" / "amg_state" / "state").is_dir()

@@ -5,6 +5,8 @@
 - AIS (instance segmentation with a decoder): a UNETR decoder on SAM's image encoder predicts foreground,
   centre distance and boundary distance maps, segmented by a seeded watershed
   (:class:`InstanceSegmentationWithDecoder`, :class:`TiledInstanceSegmentationWithDecoder`).
+- APG (automatic prompt generation): SAM prompted with points derived from the decoder's maps
+  (:class:`AutomaticPromptGenerator`, :class:`TiledAutomaticPromptGenerator`).
 
 All segmenters share ``initialize`` (expensive, once per image), ``generate`` (cheap, re-run to tune
 parameters), ``get_state`` / ``set_state`` / ``clear_state`` and ``is_initialized``.
@@ -13,6 +15,7 @@ from ._factory import DEFAULT_SEGMENTATION_MODE_WITH_DECODER, get_instance_segme
 from ._volume import segment_slices
 from .ais import InstanceSegmentationWithDecoder
 from .amg import AMGBase, AutomaticMaskGenerator
+from .apg import AutomaticPromptGenerator, TiledAutomaticPromptGenerator
 from .decoder import DecoderAdapter, get_decoder, get_predictor_and_decoder, get_unetr
 from .postprocessing import watershed_from_center_and_boundary_distances
 from .tiled import TiledAutomaticMaskGenerator, TiledInstanceSegmentationWithDecoder
@@ -20,6 +23,7 @@ from .tiled import TiledAutomaticMaskGenerator, TiledInstanceSegmentationWithDec
 __all__ = [
     "AMGBase", "AutomaticMaskGenerator", "TiledAutomaticMaskGenerator",
     "InstanceSegmentationWithDecoder", "TiledInstanceSegmentationWithDecoder",
+    "AutomaticPromptGenerator", "TiledAutomaticPromptGenerator",
     "DecoderAdapter", "get_unetr", "get_decoder", "get_predictor_and_decoder",
     "get_instance_segmentation_generator", "DEFAULT_SEGMENTATION_MODE_WITH_DECODER",
     "segment_slices", "watershed_from_center_and_boundary_distances",

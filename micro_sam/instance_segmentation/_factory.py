@@ -5,12 +5,13 @@ from typing import Optional
 
 from .ais import InstanceSegmentationWithDecoder
 from .amg import AMGBase, AutomaticMaskGenerator
+from .apg import AutomaticPromptGenerator, TiledAutomaticPromptGenerator
 from .tiled import TiledAutomaticMaskGenerator, TiledInstanceSegmentationWithDecoder
 
 #: The segmentation mode used when a decoder is available and no mode is requested.
 DEFAULT_SEGMENTATION_MODE_WITH_DECODER = "ais"
 
-_MODES = ("amg", "ais")
+_MODES = ("amg", "ais", "apg")
 
 
 def get_instance_segmentation_generator(
@@ -26,16 +27,16 @@ def get_instance_segmentation_generator(
         predictor: The segment_anything ``SamPredictor``.
         is_tiled: Whether the embeddings will be tiled.
         decoder: The AIS decoder, if the model has one.
-        segmentation_mode: "amg" (point grid) or "ais" (decoder). None: "ais" with a decoder, else "amg".
-            ("apg", automatic prompt generation from micro_sam 1.8, is not available.)
+        segmentation_mode: "amg" (point grid), "ais" (decoder) or "apg" (SAM prompted with points derived from
+            the decoder). None: "ais" with a decoder, else "amg".
         kwargs: Arguments of the class's constructor (e.g. ``points_per_side`` for AMG).
 
     Returns:
-        An ``AutomaticMaskGenerator`` / ``TiledAutomaticMaskGenerator`` or an
-        ``InstanceSegmentationWithDecoder`` / ``TiledInstanceSegmentationWithDecoder``.
+        An ``AutomaticMaskGenerator``, ``InstanceSegmentationWithDecoder`` or ``AutomaticPromptGenerator``
+        (or the ``Tiled`` variant).
 
     Raises:
-        ValueError: Unknown mode, or "ais" without a decoder.
+        ValueError: Unknown mode, or "ais" / "apg" without a decoder.
     """
     if segmentation_mode is None or str(segmentation_mode).lower() == "auto":
         segmentation_mode = "amg" if decoder is None else DEFAULT_SEGMENTATION_MODE_WITH_DECODER
@@ -43,15 +44,15 @@ def get_instance_segmentation_generator(
     if mode == "amg":
         cls = TiledAutomaticMaskGenerator if is_tiled else AutomaticMaskGenerator
         return cls(predictor, **kwargs)
-    if mode == "ais":
+    if mode in ("ais", "apg"):
         if decoder is None:
-            raise ValueError("segmentation_mode='ais' needs a decoder; this model has none. Use a model with a "
+            raise ValueError(f"segmentation_mode='{mode}' needs a decoder; this model has none. Use a model with a "
                              "decoder (e.g. 'vit_b_lm') or segmentation_mode='amg'.")
-        cls = TiledInstanceSegmentationWithDecoder if is_tiled else InstanceSegmentationWithDecoder
+        if mode == "ais":
+            cls = TiledInstanceSegmentationWithDecoder if is_tiled else InstanceSegmentationWithDecoder
+        else:
+            cls = TiledAutomaticPromptGenerator if is_tiled else AutomaticPromptGenerator
         return cls(predictor, decoder, **kwargs)
-    if mode == "apg":
-        raise ValueError("segmentation_mode='apg' (automatic prompt generation) is not supported; "
-                         "use 'ais' or 'amg'.")
     raise ValueError(f"Invalid segmentation_mode {segmentation_mode!r}; choose one of {', '.join(_MODES)}.")
 
 

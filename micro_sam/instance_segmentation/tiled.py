@@ -282,4 +282,5 @@ class TiledInstanceSegmentationWithDecoder(InstanceSegmentationWithDecoder):
                 update(1)
         finally:
             close()
+        self._image_embeddings = image_embeddings
         self._set_maps(maps, i)

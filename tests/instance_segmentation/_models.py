@@ -68,7 +68,10 @@ class _StubMaskDecoder(torch.nn.Module):
 
     def forward(self, image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings,
                 multimask_output):
-        return self.sam.predict_low_res(sparse_prompt_embeddings[:, 0], image_embeddings)
+        logits, ious = self.sam.predict_low_res(sparse_prompt_embeddings[:, 0], image_embeddings)
+        if not multimask_output:  # the single-mask output: the object itself
+            return logits[:, :1], ious[:, :1]
+        return logits, ious
 
 
 class StubSam(torch.nn.Module):
