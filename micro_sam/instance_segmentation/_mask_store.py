@@ -9,9 +9,12 @@ Boxes follow segment_anything's AMG convention: XYXY with *inclusive* right / bo
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Sequence, Tuple
 
 import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 MaskTable = Dict[str, np.ndarray]
 
@@ -50,7 +53,7 @@ def concatenate(tables: Sequence[MaskTable]) -> MaskTable:
     return out
 
 
-def masks_to_boxes(binary) -> "torch.Tensor":  # noqa: F821
+def masks_to_boxes(binary: "torch.Tensor") -> "torch.Tensor":
     """XYXY boxes (inclusive) of a (N, H, W) bool torch tensor; [0, 0, 0, 0] for empty masks."""
     import torch
 
@@ -65,7 +68,7 @@ def masks_to_boxes(binary) -> "torch.Tensor":  # noqa: F821
     return boxes * nonempty[:, None]
 
 
-def stability_score(logits, mask_threshold: float, offset: float) -> "torch.Tensor":  # noqa: F821
+def stability_score(logits: "torch.Tensor", mask_threshold: float, offset: float) -> "torch.Tensor":
     """IoU of the masks thresholded at ``mask_threshold +- offset``, for (N, H, W) logits (float32 result).
 
     Computed as segment_anything's ``calculate_stability_score`` (integer counts, then one float division),

@@ -2,7 +2,7 @@
 
 A UNETR decoder on top of SAM's image encoder predicts, for every pixel, the foreground probability and the
 per-object normalised distances to the object centre and to the object boundary. Objects are then found by
-a seeded watershed (:func:`~micro_sam.instance_segmentation.postprocessing.watershed_from_center_and_boundary_distances`):
+a seeded watershed (``postprocessing.watershed_from_center_and_boundary_distances``):
 ``initialize`` runs the decoder once, ``generate`` only the (fast, vectorised) post-processing, so that
 thresholds can be tuned interactively.
 """

@@ -254,7 +254,8 @@ def get_predictor_and_decoder(
         peft_kwargs=peft_kwargs,
     )
     if not isinstance(state, Mapping) or state.get("decoder_state") is None:
-        source = f"checkpoint '{os.fspath(checkpoint_path)}'" if checkpoint_path is not None else f"model '{model_type}'"
+        source = f"checkpoint '{os.fspath(checkpoint_path)}'" if checkpoint_path is not None \
+            else f"model '{model_type}'"
         raise ValueError(
             f"The {source} has no instance segmentation decoder ('decoder_state'); use a model with a decoder "
             "(e.g. 'vit_b_lm') or automatic mask generation (AMG) instead."

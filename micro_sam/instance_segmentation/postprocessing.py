@@ -57,22 +57,42 @@ def label_components(mask: np.ndarray, connectivity: int = None) -> Tuple[np.nda
     return labels, int(n)
 
 
+def _dense_ids(segmentation: np.ndarray) -> bool:
+    """Whether the ids are small enough for lookup tables (bincount) instead of sorting."""
+    return segmentation.size > 0 and np.issubdtype(segmentation.dtype, np.integer) and \
+        segmentation.min() >= 0 and int(segmentation.max()) <= 4 * segmentation.size + 1024
+
+
 def relabel_sequential(segmentation: np.ndarray) -> np.ndarray:
     """Map the ids of a label image to 1..N, keeping their order; 0 stays 0. Returns uint32."""
     segmentation = np.asarray(segmentation)
+    if _dense_ids(segmentation):
+        present = np.bincount(segmentation.ravel()) > 0
+        present[0] = False
+        lut = np.zeros(len(present), dtype="uint32")
+        lut[present] = np.arange(1, int(present.sum()) + 1, dtype="uint32")
+        return lut[segmentation]
     ids, inverse = np.unique(segmentation, return_inverse=True)
     new_ids = np.arange(len(ids), dtype="uint32") + (0 if ids[0] == 0 else 1)
     return new_ids[inverse.reshape(segmentation.shape)]
 
 
 def size_filter(segmentation: np.ndarray, min_size: int) -> np.ndarray:
-    """Remove objects with fewer than ``min_size`` pixels and relabel the rest to 1..N (if anything is removed
-    or ``min_size > 0``). ``min_size=0`` returns the segmentation unchanged (as a copy)."""
-    segmentation = np.array(segmentation, copy=True)
+    """Remove objects with fewer than ``min_size`` pixels and relabel the rest to 1..N (keeping their order).
+    ``min_size <= 0`` returns the segmentation unchanged (as a copy)."""
+    segmentation = np.asarray(segmentation)
     if min_size <= 0:
-        return segmentation
+        return segmentation.copy()
+    if _dense_ids(segmentation):
+        sizes = np.bincount(segmentation.ravel())
+        keep = sizes >= min_size
+        keep[0] = False
+        lut = np.zeros(len(sizes), dtype="uint32")
+        lut[keep] = np.arange(1, int(keep.sum()) + 1, dtype="uint32")
+        return lut[segmentation]
     ids, sizes = np.unique(segmentation, return_counts=True)
     small = ids[(sizes < min_size) & (ids != 0)]
+    segmentation = segmentation.copy()
     if len(small):
         segmentation[np.isin(segmentation, small)] = 0
     return relabel_sequential(segmentation)
