@@ -5,11 +5,12 @@ import numpy as np
 import torch
 
 
-def small_sam(seed: int = 0, img_size: int = 256):
-    """A one-block, 64-dim ViT SAM for ``img_size`` inputs: embeddings (B, 256, img_size/16, img_size/16).
+def small_sam(seed: int = 0, img_size: int = 256, dim: int = 256):
+    """A one-block, 64-dim ViT SAM for ``img_size`` inputs: embeddings (B, dim, img_size/16, img_size/16).
 
     Everything downstream (mask decoder tokens, low-res masks, the UNETR decoder) shrinks with the input size,
-    so a training iteration at 256 is roughly 16x cheaper than at SAM's 1024.
+    so a training iteration at 256 is roughly 16x cheaper than at SAM's 1024. ``dim`` is the width of the
+    embeddings, prompt encoder and mask decoder (SAM: 256); smaller is faster still.
     """
     from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
@@ -17,15 +18,15 @@ def small_sam(seed: int = 0, img_size: int = 256):
     grid = img_size // 16
     sam = Sam(
         image_encoder=ImageEncoderViT(
-            img_size=img_size, patch_size=16, embed_dim=64, depth=1, num_heads=2, mlp_ratio=2, out_chans=256,
+            img_size=img_size, patch_size=16, embed_dim=64, depth=1, num_heads=2, mlp_ratio=2, out_chans=dim,
             qkv_bias=True, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), use_rel_pos=True, window_size=8,
             global_attn_indexes=(),
         ),
-        prompt_encoder=PromptEncoder(embed_dim=256, image_embedding_size=(grid, grid),
+        prompt_encoder=PromptEncoder(embed_dim=dim, image_embedding_size=(grid, grid),
                                      input_image_size=(img_size, img_size), mask_in_chans=16),
         mask_decoder=MaskDecoder(
-            num_multimask_outputs=3, transformer_dim=256, iou_head_depth=3, iou_head_hidden_dim=256,
-            transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=512, num_heads=8),
+            num_multimask_outputs=3, transformer_dim=dim, iou_head_depth=3, iou_head_hidden_dim=dim,
+            transformer=TwoWayTransformer(depth=2, embedding_dim=dim, mlp_dim=2 * dim, num_heads=8),
         ),
         pixel_mean=[123.675, 116.28, 103.53], pixel_std=[58.395, 57.12, 57.375],
     )
@@ -48,8 +49,11 @@ def disk_images(n: int, shape=(128, 128), n_objects: int = 6, seed: int = 0, rad
     yy, xx = np.mgrid[:shape[0], :shape[1]]
     for _ in range(n):
         label = np.zeros(shape, dtype="uint32")
-        placed = 0
+        placed, attempts = 0, 0
         while placed < n_objects:
+            attempts += 1
+            if attempts > 10000:
+                raise ValueError(f"Cannot place {n_objects} disks of radius {radius} in an image of shape {shape}.")
             r = rng.uniform(*radius)
             cy, cx = rng.uniform(r + 2, shape[0] - r - 2), rng.uniform(r + 2, shape[1] - r - 2)
             disk = (yy - cy) ** 2 + (xx - cx) ** 2 <= r ** 2
