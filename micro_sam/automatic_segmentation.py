@@ -253,13 +253,9 @@ def automatic_instance_segmentation(
 
 
 def _automatic_3d_segmentation(**kwargs):
-    """``multi_dimensional_segmentation.automatic_3d_segmentation`` (or the same steps, if it is missing)."""
-    from . import multi_dimensional_segmentation as mds
+    from .multi_dimensional_segmentation import automatic_3d_segmentation
 
-    function = getattr(mds, "automatic_3d_segmentation", None)
-    if function is None:
-        from .instance_segmentation._volume import automatic_3d_segmentation as function
-    return function(**kwargs)
+    return automatic_3d_segmentation(**kwargs)
 
 
 def automatic_tracking(

@@ -401,16 +401,51 @@ def merge_instance_segmentation_3d(
 
 
 # --- automatic 3D instance segmentation --------------------------------------------------------------------
-# RESERVED for the instance segmentation engineer: `automatic_3d_segmentation(volume, predictor, segmentor,
-# embedding_path=None, with_background=True, gap_closing=None, min_z_extent=None, tile_shape=None, halo=None,
-# verbose=True, return_embeddings=False, batch_size=1, **kwargs)` (micro_sam 1.8 signature) goes here. It
-# segments every slice with the segmentor and merges them with `merge_instance_segmentation_3d(slices,
-# beta=0.5, with_background=..., gap_closing=..., min_z_extent=..., verbose=...)`. Per-slice ids need to be
-# unique only within their slice for the merge (offsetting them across slices, as micro_sam does, is fine).
-# Also reserved: `automatic_tracking_implementation(timeseries, predictor, segmentor, embedding_path=None,
-# gap_closing=None, min_time_extent=None, mode="greedy", tracking_model="general_2d", tile_shape=None, halo=None,
-# verbose=True, return_embeddings=False, batch_size=1, output_folder=None, **kwargs)` = the same per-frame
-# segmentation followed by `track_across_frames` below; returns (segmentation, lineages[, image_embeddings]).
+def automatic_3d_segmentation(
+    volume: np.ndarray,
+    predictor,
+    segmentor,
+    embedding_path=None,
+    with_background: bool = True,
+    gap_closing: Optional[int] = None,
+    min_z_extent: Optional[int] = None,
+    tile_shape: Optional[Tuple[int, int]] = None,
+    halo: Optional[Tuple[int, int]] = None,
+    verbose: bool = True,
+    return_embeddings: bool = False,
+    batch_size: int = 1,
+    **kwargs,
+):
+    """Segment a volume automatically: every slice in 2D, then objects merged across slices.
+
+    Each slice is segmented with ``segmentor`` (AMG, AIS or APG from ``micro_sam.instance_segmentation``); the
+    per-slice objects are joined into 3D objects by :func:`merge_instance_segmentation_3d`.
+
+    Args:
+        volume: (Z, Y, X) or (Z, Y, X, C) volume.
+        predictor: The ``SamPredictor``.
+        segmentor: An instance segmentation class from ``micro_sam.instance_segmentation``.
+        embedding_path: A zarr path to cache (and reuse) the per-slice embeddings.
+        with_background: Keep the background separate when merging (see :func:`merge_instance_segmentation_3d`).
+        gap_closing: Close gaps of up to this many slices before merging.
+        min_z_extent: Remove objects spanning fewer slices.
+        tile_shape: (y, x) tile shape for tiled embeddings and segmentation (needs a tiled segmentor).
+        halo: (y, x) overlap of the tiles.
+        verbose: Show progress bars.
+        return_embeddings: Also return the image embeddings.
+        batch_size: Slices or tiles per image encoder pass.
+        kwargs: Arguments of the segmentor's ``generate``.
+
+    Returns:
+        The (Z, Y, X) label volume, and the embeddings if ``return_embeddings`` is True.
+    """
+    from .instance_segmentation._volume import automatic_3d_segmentation as _implementation
+
+    return _implementation(
+        volume, predictor, segmentor, embedding_path=embedding_path, with_background=with_background,
+        gap_closing=gap_closing, min_z_extent=min_z_extent, tile_shape=tile_shape, halo=halo, verbose=verbose,
+        return_embeddings=return_embeddings, batch_size=batch_size, **kwargs,
+    )
 
 
 # --- tracking -------------------------------------------------------------------------------------------------
