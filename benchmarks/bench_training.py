@@ -148,6 +148,8 @@ def _run(python, which, args, model_type, objects):
     for flag in ("no_decoder", "full_res_loss", "reference_fp32"):
         if getattr(args, flag):
             command.append("--" + flag.replace("_", "-"))
+    if args.threads:
+        command += ["--threads", str(args.threads)]
     # Run from a neutral directory so that the reference interpreter imports its own micro_sam.
     result = subprocess.run(command, capture_output=True, text=True, cwd=tempfile.gettempdir())
     lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
@@ -169,11 +171,16 @@ def main():
     parser.add_argument("--reference-python", default=None, help="Interpreter with the published micro_sam.")
     parser.add_argument("--reference-fp32", action="store_true", help="Reference without mixed precision.")
     parser.add_argument("--skip-ours", action="store_true")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads in the workers (default: torch's).")
     parser.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--_data", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args._worker is not None:
+        import torch
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
         args.data, args.model_type, args.objects = args._data, args.model_types[0], args.objects[0]
         worker = _worker_ours if args._worker == "ours" else _worker_reference
         times = worker(args)
@@ -186,7 +193,7 @@ def main():
     if args.reference_python:
         runs.append(("micro_sam 1.8", args.reference_python))
     print(f"batch 1, patch {args.patch}x{args.patch}, n_sub_iteration 8, decoder: {not args.no_decoder}, "
-          f"{args.iterations} timed + {args.warmup} warm-up iterations")
+          f"{args.iterations} timed + {args.warmup} warm-up iterations, threads: {args.threads or 'default'}")
     print(f"{'package':<14} {'model':<6} {'objects':>7} {'s/iteration':>12} {'min':>7} {'peak MB':>8}")
     with tempfile.TemporaryDirectory() as data_dir:
         args.data = data_dir

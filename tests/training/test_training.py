@@ -256,3 +256,28 @@ def test_instance_segmentation_training_and_export(tmp_path, small_models, monke
     assert torch.equal(exported["model_state"]["mask_decoder.iou_token.weight"],
                        base.mask_decoder.iou_token.weight)
     assert torch.equal(exported["decoder_state"]["out_conv.weight"], state["out_conv.weight"])
+
+
+@pytest.mark.slow
+def test_vit_t_training_exports_a_micro_sam_model(tmp_path, vit_t_checkpoint):
+    """One iteration of vit_t with the full UNETR decoder; the export loads with micro_sam's model loaders."""
+    from micro_sam.instance_segmentation import get_predictor_and_decoder
+    from micro_sam.util import export_custom_sam_model, get_sam_model
+
+    train_loader, val_loader, _ = _loaders(True, n_train=1, n_val=1, shape=(64, 64))
+    train_sam("vit_t_run", "vit_t", train_loader, val_loader, n_iterations=1, checkpoint_path=vit_t_checkpoint,
+              n_objects_per_batch=2, n_sub_iteration=1, device="cpu", save_root=str(tmp_path),
+              verify_n_labels_in_loader=1, lr=1e-3)
+    best = tmp_path / "checkpoints" / "vit_t_run" / "best.pt"
+    state = torch.load(best, weights_only=True)
+    exported = tmp_path / "exported.pt"
+    export_custom_sam_model(best, "vit_t", exported, with_segmentation_decoder=True)
+
+    predictor = get_sam_model(model_type="vit_t", checkpoint_path=exported, device="cpu")
+    assert predictor.model_type == "vit_t"
+    trained = state["model_state"]["sam.mask_decoder.iou_token.weight"]
+    assert torch.equal(predictor.model.mask_decoder.iou_token.weight, trained)
+    initial = torch.load(vit_t_checkpoint, weights_only=True)["mask_decoder.iou_token.weight"]
+    assert not torch.equal(trained, initial)  # it was trained
+    predictor, decoder = get_predictor_and_decoder("vit_t", checkpoint_path=exported, device="cpu")
+    assert torch.equal(decoder.out_conv.weight, state["decoder_state"]["out_conv.weight"])

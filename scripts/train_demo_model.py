@@ -1,0 +1,188 @@
+"""Train the bundled demo model from scratch: a vit_t SAM with the AIS decoder, on synthetic microscopy images.
+
+Everything is seeded: the random initial weights (written once to ``<save-root>/init_vit_t.pt``), the training and
+held-out images (``micro_sam.sample_data.synthetic_nuclei_2d`` / ``synthetic_cells_2d``, alternating) and the
+sampling of patches and prompts. Training is ``micro_sam.training.train_sam`` (``JointSamTrainer``: interactive
+segmentation and the UNETR decoder); a run that was interrupted continues from ``latest.pt`` up to the requested
+total number of iterations. The best checkpoint is exported in half precision as ``{"model_state",
+"decoder_state"}`` (by default to ``micro_sam/_data/vit_t_demo.pt``) and evaluated on held-out images:
+
+- AIS: mean segmentation accuracy (``micro_sam.evaluation.metrics.mean_segmentation_accuracy``) of
+  ``InstanceSegmentationWithDecoder``;
+- interactive: IoU of the mask (best by predicted IoU) for one point prompt at each object's centre.
+
+    python scripts/train_demo_model.py                 # the full training (use a GPU: --device cuda)
+    python scripts/train_demo_model.py --smoke         # 2 iterations end to end, output to a temporary folder
+
+Note: on a CPU one iteration (vit_t + decoder, 10 objects, 8 prompting rounds) takes about a minute; the full
+training is meant for a GPU.
+"""
+import argparse
+import os
+import random
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_OUTPUT = os.path.join(ROOT, "micro_sam", "_data", "vit_t_demo.pt")
+NAME = "vit_t_demo"
+
+
+def _seed(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _images(n: int, shape, seed: int):
+    """n synthetic images with instance labels, alternating nuclei and cells."""
+    from micro_sam.sample_data import synthetic_cells_2d, synthetic_nuclei_2d
+
+    images, labels = [], []
+    for i in range(n):
+        generate = synthetic_nuclei_2d if i % 2 == 0 else synthetic_cells_2d
+        image, label = generate(tuple(shape), seed=seed + i)
+        images.append(image)
+        labels.append(label)
+    return images, labels
+
+
+def _initial_checkpoint(save_root: str, seed: int) -> str:
+    import torch
+
+    from micro_sam.models.build_sam import sam_model_registry
+
+    path = os.path.join(save_root, "init_vit_t.pt")
+    if not os.path.exists(path):
+        torch.manual_seed(seed)
+        os.makedirs(save_root, exist_ok=True)
+        torch.save(sam_model_registry["vit_t"]().state_dict(), path)
+    return path
+
+
+def _done_iterations(save_root: str) -> int:
+    from micro_sam._checkpoints import safe_load
+
+    latest = os.path.join(save_root, "checkpoints", NAME, "latest.pt")
+    return int(safe_load(latest)["iteration"]) if os.path.exists(latest) else 0
+
+
+def export_half_precision(checkpoint: str, output: str) -> None:
+    """Write ``{"model_state", "decoder_state"}`` of a trainer checkpoint with floating tensors in float16."""
+    import torch
+
+    from micro_sam._checkpoints import safe_load, split_checkpoint
+
+    model_state, decoder_state, _ = split_checkpoint(safe_load(checkpoint), checkpoint)
+    if decoder_state is None:
+        raise ValueError(f"{checkpoint} has no decoder_state.")
+
+    def half(state):
+        return {k: (v.half() if torch.is_floating_point(v) else v) for k, v in state.items()}
+
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    tmp = f"{output}.tmp-{os.getpid()}"
+    torch.save({"model_state": half(model_state), "decoder_state": half(decoder_state)}, tmp)
+    os.replace(tmp, output)
+
+
+def evaluate(model_path: str, images, labels, device: str) -> dict:
+    """AIS mSA and point-prompt IoU of an exported model on held-out images."""
+    from micro_sam.evaluation.metrics import mean_segmentation_accuracy
+    from micro_sam.instance_segmentation import InstanceSegmentationWithDecoder, get_predictor_and_decoder
+    from micro_sam.util import get_centers_and_bounding_boxes
+
+    predictor, decoder = get_predictor_and_decoder("vit_t", checkpoint_path=model_path, device=device)
+    segmenter = InstanceSegmentationWithDecoder(predictor, decoder)
+    msa, ious = [], []
+    for image, label in zip(images, labels):
+        segmenter.initialize(image)
+        segmentation = segmenter.generate()
+        msa.append(mean_segmentation_accuracy(segmentation, label))
+        predictor.set_image(np.stack([image] * 3, axis=-1))
+        centers, _ = get_centers_and_bounding_boxes(label)
+        for object_id, (y, x) in centers.items():
+            masks, scores, _ = predictor.predict(np.array([[x, y]]), np.array([1]), multimask_output=True)
+            mask, truth = masks[int(np.argmax(scores))], label == object_id
+            ious.append((mask & truth).sum() / max((mask | truth).sum(), 1))
+    return {"ais_msa": float(np.mean(msa)), "point_iou": float(np.mean(ious)), "n_images": len(images),
+            "n_objects": len(ious)}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--save-root", default=os.path.join(ROOT, "demo_training"),
+                        help="Checkpoints, logs and the initial weights (default: ./demo_training).")
+    parser.add_argument("--output", default=None, help=f"Exported model (default: {DEFAULT_OUTPUT}).")
+    parser.add_argument("--iterations", type=int, default=20000, help="Total training iterations.")
+    parser.add_argument("--iterations-per-epoch", type=int, default=200, help="Validation / checkpoint interval.")
+    parser.add_argument("--patch", type=int, default=512)
+    parser.add_argument("--n-train", type=int, default=64, help="Training images (half nuclei, half cells).")
+    parser.add_argument("--n-val", type=int, default=8, help="Validation images.")
+    parser.add_argument("--n-test", type=int, default=8, help="Held-out images for the final evaluation.")
+    parser.add_argument("--objects", type=int, default=10, help="Objects per image for the interactive loss.")
+    parser.add_argument("--sub-iterations", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=1e-4, help="Learning rate (training from scratch).")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--smoke", action="store_true", help="2 iterations on small images, output to a temp dir.")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from micro_sam.training import default_sam_loader, train_sam
+
+    if args.smoke:
+        tmp = tempfile.mkdtemp(prefix="micro_sam_demo_smoke_")
+        args.save_root = tmp
+        args.output = args.output or os.path.join(tmp, "vit_t_demo.pt")
+        args.iterations, args.iterations_per_epoch = 2, 1
+        args.patch, args.n_train, args.n_val, args.n_test = 256, 2, 1, 1
+        args.objects, args.sub_iterations = 4, 2
+    output = args.output or DEFAULT_OUTPUT
+
+    _seed(args.seed)
+    shape = (args.patch, args.patch)
+    train_images, train_labels = _images(args.n_train, shape, seed=args.seed * 1000)
+    val_images, val_labels = _images(args.n_val, shape, seed=args.seed * 1000 + 500)
+    test_images, test_labels = _images(args.n_test, shape, seed=args.seed * 1000 + 900)
+    common = dict(raw_key=None, label_key=None, patch_shape=shape, with_segmentation_decoder=True)
+    train_loader = default_sam_loader(raw_paths=train_images, label_paths=train_labels, shuffle=True, batch_size=1,
+                                      n_samples=args.iterations_per_epoch, **common)
+    val_loader = default_sam_loader(raw_paths=val_images, label_paths=val_labels, batch_size=1, is_train=False,
+                                    n_samples=max(args.n_val, 1), **common)
+
+    initial = _initial_checkpoint(args.save_root, args.seed)
+    done = _done_iterations(args.save_root)
+    remaining = args.iterations - done
+    print(f"{done} of {args.iterations} iterations done; training {max(remaining, 0)} more.")
+    t_start = time.time()
+    if remaining > 0:
+        train_sam(
+            name=NAME, model_type="vit_t", train_loader=train_loader, val_loader=val_loader,
+            n_iterations=remaining, checkpoint_path=initial, with_segmentation_decoder=True, lr=args.lr,
+            n_objects_per_batch=args.objects, n_sub_iteration=args.sub_iterations, save_root=args.save_root,
+            device=args.device, early_stopping=None, verify_n_labels_in_loader=2,
+            load_from_checkpoint="latest" if done > 0 else None,
+        )
+        elapsed = time.time() - t_start
+        print(f"Trained {remaining} iterations in {elapsed:.1f} s ({elapsed / remaining:.2f} s/iteration, "
+              "validation and checkpointing included).")
+
+    best = os.path.join(args.save_root, "checkpoints", NAME, "best.pt")
+    export_half_precision(best, output)
+    print(f"Exported {best} (half precision) to {output} ({os.path.getsize(output) / 1e6:.1f} MB).")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    quality = evaluate(output, test_images, test_labels, device)
+    print(f"Held-out quality ({quality['n_images']} images, {quality['n_objects']} objects): "
+          f"AIS mSA {quality['ais_msa']:.3f}, point-prompt IoU {quality['point_iou']:.3f}")
+    return quality
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() is not None else 1)
