@@ -109,10 +109,11 @@ def _median(results):
     return statistics.median(values) if values else None
 
 
-def _status(results):
+def _status(results, width=60):
     for r in results:
-        if r.get("status") != "ok":
-            return r.get("status")
+        status = r.get("status")
+        if status != "ok":
+            return status if len(status) <= width else status[:width - 3] + "..."
     return None
 
 
