@@ -8,6 +8,7 @@ see :func:`get_training_configuration`), :func:`train_instance_segmentation` and
 from .configurations import CONFIGURATIONS, find_best_configuration, get_training_configuration
 from .joint_sam_trainer import JointSamLogger, JointSamTrainer
 from .sam_trainer import SamLogger, SamTrainer
+from .simple_sam_trainer import MedSAMTrainer, SimpleSamTrainer
 from .trainable_sam import TrainableSAM
 from .training import (
     default_sam_dataset, default_sam_loader, export_instance_segmentation_model, train_instance_segmentation,
@@ -16,7 +17,8 @@ from .training import (
 from .util import ConvertToSamInputs, get_trainable_sam_model, identity
 
 __all__ = [
-    "CONFIGURATIONS", "ConvertToSamInputs", "JointSamLogger", "JointSamTrainer", "SamLogger", "SamTrainer",
+    "CONFIGURATIONS", "ConvertToSamInputs", "JointSamLogger", "JointSamTrainer", "MedSAMTrainer", "SamLogger",
+    "SamTrainer", "SimpleSamTrainer",
     "TrainableSAM", "default_sam_dataset", "default_sam_loader", "export_instance_segmentation_model",
     "find_best_configuration", "get_trainable_sam_model", "get_training_configuration", "identity",
     "train_instance_segmentation", "train_sam", "train_sam_for_configuration",

@@ -16,6 +16,7 @@ from collections import OrderedDict
 
 import numpy as np
 import torch
+from torch_em.model.unet import Upsampler, Upsampler2d
 
 from .sam_trainer import SamLogger, SamTrainer, _check_state_fits
 
@@ -44,6 +45,47 @@ def _shares_encoder(unetr: torch.nn.Module, model: torch.nn.Module) -> bool:
                 and torch.allclose(model.sam.pixel_std.flatten().cpu(), sam_std))
 
 
+class _Commuted:
+    """torch_em's upsampler (interpolation, then 1x1 convolution) computed as convolution, then interpolation.
+
+    Both steps are linear and the interpolation weights of each output pixel sum to one, so the result is the same
+    (up to rounding), while the convolution runs on 4x fewer pixels.
+    """
+
+    def forward(self, x):
+        return torch.nn.functional.interpolate(self.conv(x), scale_factor=self.scale_factor, mode=self.mode,
+                                               align_corners=False)
+
+
+class CommutedUpsampler(_Commuted, Upsampler):
+    pass
+
+
+class CommutedUpsampler2d(_Commuted, Upsampler2d):
+    pass
+
+
+_COMMUTED = {Upsampler: CommutedUpsampler, Upsampler2d: CommutedUpsampler2d}
+
+
+def commute_upsamplers(module: torch.nn.Module) -> int:
+    """Let the bilinear upsamplers of a torch_em UNETR convolve before they interpolate (same function, faster).
+
+    The classes of the sub-modules are swapped in place; parameters and state-dict keys do not change.
+
+    Returns:
+        The number of swapped modules.
+    """
+    swapped = 0
+    for sub in module.modules():
+        replacement = _COMMUTED.get(type(sub))
+        if replacement is None or sub.mode not in ("bilinear", "linear") or tuple(sub.conv.kernel_size) != (1, 1):
+            continue
+        sub.__class__ = replacement
+        swapped += 1
+    return swapped
+
+
 class JointSamTrainer(SamTrainer):
     """Train SAM for interactive segmentation together with the UNETR decoder for instance segmentation.
 
@@ -64,6 +106,7 @@ class JointSamTrainer(SamTrainer):
         self.instance_loss = instance_loss
         self.instance_metric = instance_metric
         self.unetr.to(self.device)
+        commute_upsamplers(self.unetr)
 
     def _decoder_state(self) -> "OrderedDict[str, torch.Tensor]":
         return OrderedDict((k, v) for k, v in self.unetr.state_dict().items() if not k.startswith("encoder"))

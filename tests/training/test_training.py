@@ -102,7 +102,8 @@ def test_train_sam_learns(tmp_path, small_models):
 @pytest.mark.slow
 def test_train_sam_learns_to_segment(tmp_path, small_models):
     before, after, val_losses = _learn(tmp_path, n_iterations=300)
-    assert val_losses[-1] < 0.5 and before < 0.05 and after > 0.4
+    print("validation losses", np.round(val_losses, 3), "point-prompt IoU", before, "->", after)
+    assert val_losses[-1] < val_losses[0] - 0.2 and before < 0.05 and after > 0.4
 
 
 def _checkpoint(tmp_path, name="run", which="latest"):
