@@ -116,8 +116,9 @@ def evaluate(model_path: str, images, labels, device: str) -> dict:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--save-root", default=os.path.join(ROOT, "demo_training"),
-                        help="Checkpoints, logs and the initial weights (default: ./demo_training).")
+    parser.add_argument("--save-root", default=None,
+                        help="Checkpoints, logs and the initial weights (default: <micro_sam cache>/demo_training; "
+                        "with --smoke a temporary folder).")
     parser.add_argument("--output", default=None, help=f"Exported model (default: {DEFAULT_OUTPUT}).")
     parser.add_argument("--iterations", type=int, default=20000, help="Total training iterations.")
     parser.add_argument("--iterations-per-epoch", type=int, default=200, help="Validation / checkpoint interval.")
@@ -138,13 +139,16 @@ def main(argv=None):
     from micro_sam.training import default_sam_loader, train_sam
 
     if args.smoke:
-        tmp = tempfile.mkdtemp(prefix="micro_sam_demo_smoke_")
-        args.save_root = tmp
-        args.output = args.output or os.path.join(tmp, "vit_t_demo.pt")
+        args.save_root = args.save_root or tempfile.mkdtemp(prefix="micro_sam_demo_smoke_")
+        args.output = args.output or os.path.join(args.save_root, "vit_t_demo.pt")
         args.iterations, args.iterations_per_epoch = 2, 1
         args.patch, args.n_train, args.n_val, args.n_test = 256, 2, 1, 1
         args.objects, args.sub_iterations = 4, 2
     output = args.output or DEFAULT_OUTPUT
+    if args.save_root is None:
+        from micro_sam.util import get_cache_directory
+
+        args.save_root = os.path.join(get_cache_directory(), "demo_training")
 
     _seed(args.seed)
     shape = (args.patch, args.patch)
