@@ -9,7 +9,12 @@ One training iteration (one batch):
    one positive and one negative correction point are added (``IterativePromptGenerator``), and with
    probability ``mask_prob`` the previous logits are given as mask prompt;
 4. the loss of every round is the Dice loss of the best of the predicted masks plus the mean squared error
-   between the predicted and the true IoU; the rounds' losses are averaged and back-propagated once.
+   between the predicted and the true IoU; the rounds' losses are averaged.
+
+The gradients are those of the averaged loss, as in micro_sam, but they are computed piecewise: each round is
+back-propagated into the (detached) image embeddings as soon as its loss is known, and the accumulated embedding
+gradient is back-propagated through the image encoder once at the end. Only one round's graph is in memory at a
+time instead of all ``n_sub_iteration``; with the decoder (``JointSamTrainer``) the same holds for its pass.
 
 By default (``low_res_loss=True``) the loss and the correction points are computed on SAM's 256 x 256
 low-resolution logits, against ground-truth masks area-downsampled to that grid (soft targets), instead of
@@ -129,7 +134,6 @@ class CheckpointMixin:
     and are read with :func:`micro_sam._checkpoints.safe_load`; a checkpoint of another architecture is a
     ``ValueError``. ``load_checkpoint`` also accepts a file path. A resumed run keeps its best metric.
     """
-
 
     def _initialize(self, iterations, load_from_checkpoint, epochs=None):
         # torch_em starts every fit with an infinite best metric; a resumed run keeps the one of its checkpoint.
