@@ -141,6 +141,25 @@ def split_checkpoint(obj: Any, path: str = "") -> Tuple["OrderedDict[str, torch.
     return model_state, state.get("decoder_state"), state
 
 
+def image_size_of(state: dict, architecture: str, path: str = "") -> int:
+    """The encoder input size a checkpoint was made for: its ``"image_size"`` entry, else SAM's 1024.
+
+    Raises:
+        CheckpointError: For an invalid size, or a size other than 1024 for an architecture other than vit_t.
+    """
+    size = state.get("image_size", 1024) if isinstance(state, dict) else 1024
+    if torch.is_tensor(size):
+        size = size.item()
+    if isinstance(size, bool) or not isinstance(size, int) or size < 256 or size % 64:
+        raise CheckpointError(f"The checkpoint {path!r} has an invalid image_size {size!r}.")
+    if size != 1024 and architecture != "vit_t":
+        raise CheckpointError(
+            f"The checkpoint {path!r} is a {architecture} model for image_size {size}; only vit_t models can be "
+            "built for another input size than 1024."
+        )
+    return size
+
+
 def infer_architecture(model_state: Dict[str, torch.Tensor]) -> str:
     """The SAM architecture ("vit_t", "vit_b", "vit_l" or "vit_h") that a state dict belongs to."""
     if any(k.startswith(("image_encoder.layers.", "image_encoder.patch_embed.seq.")) for k in model_state):

@@ -107,7 +107,10 @@ def get_sam_model(
         _checkpoints.safe_load(checkpoint_path), checkpoint_path
     )
     architecture = _checkpoints.resolve_architecture(model_type, model_state, checkpoint_path)
-    sam = sam_model_registry[architecture]()
+    image_size = _checkpoints.image_size_of(state, architecture, checkpoint_path)
+    sam = sam_model_registry[architecture](image_size=image_size) if image_size != 1024 else (
+        sam_model_registry[architecture]()
+    )
     if flexible_load_checkpoint:
         own = sam.state_dict()
         model_state = {k: v for k, v in model_state.items() if k in own and own[k].shape == v.shape}
@@ -152,16 +155,21 @@ def export_custom_sam_model(
     from . import _checkpoints
 
     obj = _checkpoints.safe_load(checkpoint_path)
-    model_state, decoder_state, _ = _checkpoints.split_checkpoint(obj, os.fspath(checkpoint_path))
+    model_state, decoder_state, state = _checkpoints.split_checkpoint(obj, os.fspath(checkpoint_path))
     if prefix != "sam.":
         model_state = _checkpoints._strip_prefix(model_state, prefix)
-    _checkpoints.resolve_architecture(model_type, model_state, os.fspath(checkpoint_path))
+    architecture = _checkpoints.resolve_architecture(model_type, model_state, os.fspath(checkpoint_path))
+    image_size = _checkpoints.image_size_of(state, architecture, os.fspath(checkpoint_path))
     if with_segmentation_decoder:
         if decoder_state is None:
             raise RuntimeError(f"The checkpoint {os.fspath(checkpoint_path)!r} has no 'decoder_state' to export.")
         to_save = {"model_state": model_state, "decoder_state": decoder_state}
+    elif image_size != 1024:
+        to_save = {"model_state": model_state}
     else:
         to_save = model_state
+    if image_size != 1024:  # a model for another input size keeps that size (see models.build_sam)
+        to_save["image_size"] = image_size
     save_path = os.fspath(save_path)
     tmp_path = f"{save_path}.tmp-{os.getpid()}"
     try:

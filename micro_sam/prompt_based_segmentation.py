@@ -325,18 +325,19 @@ def _points_from_mask(mask: np.ndarray, box_extension: float, use_single_point: 
     return points, labels
 
 
-def _mask_to_logits(mask: np.ndarray) -> np.ndarray:
-    """The binary mask as a (1, 256, 256) mask prompt: resized (longest side 256, antialiased), padded
-    with background, re-binarised, and mapped to the logits of probability 1 - eps / eps."""
+def _mask_to_logits(mask: np.ndarray, size: int = _MASK_PROMPT_SIZE) -> np.ndarray:
+    """The binary mask as a (1, size, size) mask prompt (size = 256 for SAM's 1024 input): resized (longest side
+    ``size``, antialiased), padded with background, re-binarised, and mapped to the logits of probability 1 - eps /
+    eps."""
     import torch.nn.functional as F
 
     binary = torch.from_numpy(mask.astype("float32"))[None, None]
     h, w = mask.shape
-    scale = _MASK_PROMPT_SIZE / max(h, w)
+    scale = size / max(h, w)
     new_h, new_w = int(h * scale + 0.5), int(w * scale + 0.5)
     if (new_h, new_w) != (h, w):
         binary = F.interpolate(binary, (new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
-    binary = F.pad(binary, (0, _MASK_PROMPT_SIZE - new_w, 0, _MASK_PROMPT_SIZE - new_h))[0]
+    binary = F.pad(binary, (0, size - new_w, 0, size - new_h))[0]
     high = float(np.log((1 - _LOGIT_EPS) / _LOGIT_EPS))
     return np.where(binary.numpy() > 0.5, high, -high).astype("float32")
 
@@ -545,9 +546,10 @@ def segment_from_mask(
     elif use_box:
         box_xyxy = _extend_box(_box_from_mask(mask), mask.shape, box_extension)
 
+    mask_input = _mask_to_logits(mask, predictor.model.prompt_encoder.mask_input_size[0]) if use_mask else None
     masks, scores, logits = _predict(
         predictor, points_xy=None if point_coords is None else point_coords[:, ::-1], labels=point_labels,
-        box_xyxy=box_xyxy, mask_input=_mask_to_logits(mask) if use_mask else None,
+        box_xyxy=box_xyxy, mask_input=mask_input,
         multimask_output=multimask_output, return_logits=return_logits,
     )
     return _outputs(masks, scores, logits, inputs.shape, tile, return_all)

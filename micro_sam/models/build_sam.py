@@ -3,6 +3,11 @@
 Every builder has the signature ``fn(checkpoint=None) -> segment_anything.modeling.Sam``. Without a
 checkpoint the model has random weights, ready for ``load_state_dict``; with a checkpoint path the state
 dict stored there is loaded (on CPU, ``weights_only=True``, strict).
+
+``build_sam_vit_t`` also takes ``image_size`` (default 1024, SAM's input size). Its parameters do not depend on
+the input size (TinyViT's attention biases belong to the windows, the prompt encoder's positional encoding is
+continuous), so the same state dict runs at another size; a model trained at 512 must be built at 512 to see
+objects at the scale it was trained on. Checkpoints record a non-default size as ``"image_size"``.
 """
 import os
 from typing import Callable, Dict, Optional, Union
@@ -15,7 +20,7 @@ from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTra
 
 from .tiny_vit import TinyViT
 
-__all__ = ["sam_model_registry", "build_sam_vit_h", "build_sam_vit_l", "build_sam_vit_b", "build_sam_vit_t"]
+__all__ = ["sam_model_registry", "build_sam_vit_h", "build_sam_vit_l", "build_sam_vit_b", "build_sam_vit_t", "check_image_size"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -25,6 +30,13 @@ def _load_checkpoint(sam: Sam, checkpoint: Optional[PathLike]) -> Sam:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         sam.load_state_dict(state, strict=True)
     return sam
+
+
+def check_image_size(image_size) -> int:
+    """``image_size`` as int; ValueError unless it is a multiple of 64 of at least 256."""
+    if isinstance(image_size, bool) or int(image_size) != image_size or image_size < 256 or image_size % 64:
+        raise ValueError(f"image_size must be a multiple of 64 of at least 256 (SAM: 1024), got {image_size!r}.")
+    return int(image_size)
 
 
 def build_sam_vit_h(checkpoint: Optional[PathLike] = None) -> Sam:
@@ -42,18 +54,21 @@ def build_sam_vit_b(checkpoint: Optional[PathLike] = None) -> Sam:
     return _load_checkpoint(_sa_vit_b(None), checkpoint)
 
 
-def build_sam_vit_t(checkpoint: Optional[PathLike] = None) -> Sam:
-    """SAM with the TinyViT image encoder of MobileSAM (``vit_t``), for 1024x1024 inputs.
+def build_sam_vit_t(checkpoint: Optional[PathLike] = None, image_size: int = 1024) -> Sam:
+    """SAM with the TinyViT image encoder of MobileSAM (``vit_t``), for square inputs of ``image_size``.
 
-    The image embedding has shape ``(B, 256, 64, 64)``; prompt encoder and mask decoder are SAM's.
+    With the default size 1024 the image embedding has shape ``(B, 256, 64, 64)``, in general
+    ``(B, 256, image_size / 16, image_size / 16)``; prompt encoder and mask decoder are SAM's.
 
     Args:
         checkpoint: Optional path to a state dict of the full model to load.
+        image_size: Side length of the encoder input, a multiple of 64 of at least 256 (1024 for MobileSAM).
 
     Returns:
         The model, in training mode as built by ``torch.nn.Module``.
     """
-    prompt_embed_dim, image_size = 256, 1024
+    image_size = check_image_size(image_size)
+    prompt_embed_dim = 256
     embedding_size = image_size // 16
     encoder = TinyViT(
         img_size=image_size,

@@ -157,6 +157,9 @@ class CheckpointMixin:
             "train_time": float(train_time),
             "timestamp": datetime.now().strftime("%d-%m-%Y (%H:%M:%S)"),
         }
+        image_size = getattr(self.model, "img_size", 1024)
+        if image_size != 1024:  # a vit_t trained at another input size must be rebuilt at that size
+            save_dict["image_size"] = int(image_size)
         save_dict.update(extra_save_dict)
         if self.scaler is not None:
             save_dict["scaler_state"] = self.scaler.state_dict()

@@ -517,7 +517,11 @@ def export_instance_segmentation_model(
         model_state["image_encoder." + k] = encoder_state[k]
     output_path = os.fspath(output_path)
     os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
-    torch.save({"model_state": model_state, "decoder_state": decoder_state}, output_path)
+    to_save = {"model_state": model_state, "decoder_state": decoder_state}
+    image_size = int(predictor.model.image_encoder.img_size)
+    if image_size != 1024:
+        to_save["image_size"] = image_size
+    torch.save(to_save, output_path)
 
 
 #
