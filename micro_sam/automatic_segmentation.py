@@ -17,7 +17,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -93,42 +93,43 @@ def _output_tif(output_path: Union[str, os.PathLike]) -> Path:
     return path if path.suffix.lower() in (".tif", ".tiff") else path.with_suffix(".tif")
 
 
-def _write_labels(path: Path, labels: np.ndarray) -> None:
-    """Write a zlib-compressed tif through a temporary file in the same folder, then rename it."""
-    import tifffile
+def _atomic_write(path: Path, suffix: str, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp)`` for a temporary file next to ``path``, then rename it to ``path``.
 
+    The file gets the permissions of a newly created file (0o666 minus the umask), not mkstemp's 0o600; on any
+    error the temporary file is removed and ``path`` is left as it was.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".tif.partial", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
-        tifffile.imwrite(tmp, np.asarray(labels), compression="zlib")
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _write_labels(path: Path, labels: np.ndarray) -> None:
+    """Write a zlib-compressed tif atomically."""
+    import tifffile
+
+    _atomic_write(path, ".tif.partial", lambda tmp: tifffile.imwrite(tmp, np.asarray(labels), compression="zlib"))
 
 
 def _write_overlay(path: Path, image: np.ndarray, labels: np.ndarray, ndim: int) -> Optional[Path]:
     """PNG overlay of the labels on the image (the middle slice for volumes), via micro_sam.visualization."""
-    try:
-        from .visualization import save_overlay
-    except ImportError:  # pragma: no cover - visualization is part of the package
-        print("micro_sam.visualization is not available; no overlay was written.", file=sys.stderr)
-        return None
+    from .visualization import save_overlay
+
     image, labels = np.asarray(image), np.asarray(labels)
     if ndim == 3:
         z = labels.shape[0] // 2
         image, labels = image[z], labels[z]
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        save_overlay(tmp, image, labels)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    _atomic_write(path, ".png", lambda tmp: save_overlay(tmp, image, labels))
     return path
 
 

@@ -526,3 +526,22 @@ def sample_data_segmentation() -> List[Tuple[np.ndarray, dict]]:
     """Provide the tracking ground truth as napari layer data ``[(masks, {"name": "segmentation"})]``, (t, y, x)."""
     masks = np.stack(_read_folder(fetch_tracking_segmentation_data(_sample_data_directory())))
     return [(masks, {"name": "segmentation"})]
+
+
+def _main(argv: Optional[List[str]] = None) -> int:
+    """``python -m micro_sam.sample_data [--labels]``: print the path of the bundled sample image (or labels)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m micro_sam.sample_data",
+        description="Print the path of the bundled 512 x 512 nuclei sample image (offline), e.g. for "
+        "micro_sam.automatic_segmentation -i \"$(python -m micro_sam.sample_data)\" ...",
+    )
+    parser.add_argument("--labels", action="store_true", help="Print the path of its instance labels instead.")
+    args = parser.parse_args(argv)
+    print(sample_labels_path() if args.labels else sample_image_path())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

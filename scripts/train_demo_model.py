@@ -97,6 +97,18 @@ def export_half_precision(checkpoint: str, output: str) -> None:
     os.replace(tmp, output)
 
 
+def register_bundled(output: str) -> None:
+    """Write ``micro_sam/_data/bundled_models.tsv`` for the exported file (its name and xxh128 hash)."""
+    from micro_sam._sam_loading import compute_hash
+
+    registry = os.path.join(os.path.dirname(output), "bundled_models.tsv")
+    row = [NAME, "vit_t", compute_hash(output).split(":", 1)[1], os.path.basename(output)]
+    tmp = f"{registry}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write("name\tarchitecture\txxh128\tfile\n" + "\t".join(row) + "\n")
+    os.replace(tmp, registry)
+
+
 def evaluate(model_path: str, images, labels, device: str) -> dict:
     """AIS mSA and point-prompt IoU of an exported model on held-out images."""
     from micro_sam.evaluation.metrics import mean_segmentation_accuracy
@@ -190,6 +202,9 @@ def main(argv=None):
     best = os.path.join(args.save_root, "checkpoints", NAME, "best.pt")
     export_half_precision(best, output)
     print(f"Exported {best} (half precision) to {output} ({os.path.getsize(output) / 1e6:.1f} MB).")
+    if os.path.abspath(output) == DEFAULT_OUTPUT:
+        register_bundled(output)
+        print(f"Registered {NAME} in micro_sam/_data/bundled_models.tsv.")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     quality = evaluate(output, test_images, test_labels, device)
     print(f"Held-out quality ({quality['n_images']} images, {quality['n_objects']} objects): "

@@ -158,6 +158,10 @@ def test_cli_single_image(vit_t_checkpoint, tmp_path, capsys):
     assert imageio.imread(tmp_path / "single_overlay.png").shape == (48, 64, 3)
     assert (tmp_path / "a.zarr" / "zarr.json").exists()
     assert sorted(os.listdir(tmp_path)) == ["a.zarr", "images", "single.tif", "single_overlay.png"]
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("single.tif", "single_overlay.png"):  # ordinary permissions, not those of a temporary file
+        assert os.stat(tmp_path / name).st_mode & 0o777 == 0o666 & ~umask
 
     # An existing output is skipped with a message (without loading the model).
     mtime = os.path.getmtime(out)

@@ -351,3 +351,16 @@ def test_fetch_into_read_only_directory(file_server, tmp_path, monkeypatch):
     finally:
         read_only.chmod(0o755)
     assert requested == []
+
+
+def test_module_prints_bundled_paths():
+    import subprocess
+    import sys
+
+    from micro_sam.sample_data import sample_image_path, sample_labels_path
+
+    run = [sys.executable, "-m", "micro_sam.sample_data"]
+    image = subprocess.run(run, capture_output=True, text=True, check=True).stdout.strip()
+    labels = subprocess.run(run + ["--labels"], capture_output=True, text=True, check=True).stdout.strip()
+    assert image == sample_image_path() and labels == sample_labels_path()
+    assert os.path.isfile(image) and os.path.isfile(labels)
