@@ -112,22 +112,18 @@ def register_bundled(output: str) -> None:
 def evaluate(model_path: str, images, labels, device: str) -> dict:
     """AIS mSA and point-prompt IoU of an exported model on held-out images."""
     from micro_sam.evaluation.metrics import mean_segmentation_accuracy
+    from micro_sam.evaluation.point_prompts import point_prompt_ious
     from micro_sam.instance_segmentation import InstanceSegmentationWithDecoder, get_predictor_and_decoder
-    from micro_sam.util import get_centers_and_bounding_boxes
+    from micro_sam.util import precompute_image_embeddings
 
     predictor, decoder = get_predictor_and_decoder("vit_t", checkpoint_path=model_path, device=device)
     segmenter = InstanceSegmentationWithDecoder(predictor, decoder)
     msa, ious = [], []
     for image, label in zip(images, labels):
-        segmenter.initialize(image)
-        segmentation = segmenter.generate()
-        msa.append(mean_segmentation_accuracy(segmentation, label))
-        predictor.set_image(np.stack([image] * 3, axis=-1))
-        centers, _ = get_centers_and_bounding_boxes(label)
-        for object_id, (y, x) in centers.items():
-            masks, scores, _ = predictor.predict(np.array([[x, y]]), np.array([1]), multimask_output=True)
-            mask, truth = masks[int(np.argmax(scores))], label == object_id
-            ious.append((mask & truth).sum() / max((mask | truth).sum(), 1))
+        embeddings = precompute_image_embeddings(predictor, image, verbose=False)
+        segmenter.initialize(image, image_embeddings=embeddings, verbose=False)
+        msa.append(mean_segmentation_accuracy(segmenter.generate(), label))
+        ious.extend(point_prompt_ious(predictor, image, label, image_embeddings=embeddings).values())
     return {"ais_msa": float(np.mean(msa)), "point_iou": float(np.mean(ious)), "n_images": len(images),
             "n_objects": len(ious)}
 

@@ -5,6 +5,7 @@
 - `instance_segmentation`: grid search, inference and evaluation for automatic instance segmentation.
 - `experiments`: the standard prompt settings for evaluating prompt-based segmentation.
 - `inference`: prompt-based inference with prompts derived from the ground truth, incl. iterative prompting.
+- `point_prompts`: IoU of the mask from one click inside each annotated object (`point_prompt_ious`).
 
 Importing this package does not import torch.
 """
