@@ -146,6 +146,12 @@ def main(argv=None):
     parser.add_argument("--objects", type=int, default=10, help="Objects per image for the interactive loss.")
     parser.add_argument("--sub-iterations", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-4, help="Learning rate (training from scratch).")
+    parser.add_argument("--bce-weight", type=float, default=1.0,
+                        help="Weight of the cross entropy added to the Dice loss of the masks "
+                        "(micro_sam.training.losses.DiceBCELoss); 0: micro_sam's Dice loss.")
+    parser.add_argument("--export-checkpoint", choices=["best", "latest"], default="best",
+                        help="The checkpoint to export (latest: after a change of the loss, whose validation "
+                        "values are not comparable with the earlier best).")
     parser.add_argument("--device", default=None)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--smoke", action="store_true", help="2 iterations on small images, output to a temp dir.")
@@ -154,6 +160,7 @@ def main(argv=None):
     import torch
 
     from micro_sam.training import default_sam_loader, train_sam
+    from micro_sam.training.losses import DiceBCELoss
 
     if args.smoke:
         args.save_root = args.save_root or tempfile.mkdtemp(prefix="micro_sam_demo_smoke_")
@@ -190,12 +197,13 @@ def main(argv=None):
             n_objects_per_batch=args.objects, n_sub_iteration=args.sub_iterations, save_root=args.save_root,
             device=args.device, early_stopping=None, verify_n_labels_in_loader=2,
             load_from_checkpoint="latest" if done > 0 else None,
+            mask_loss=DiceBCELoss(args.bce_weight) if args.bce_weight else None,
         )
         elapsed = time.time() - t_start
         print(f"Trained {remaining} iterations in {elapsed:.1f} s ({elapsed / remaining:.2f} s/iteration, "
               "validation and checkpointing included).")
 
-    best = os.path.join(args.save_root, "checkpoints", NAME, "best.pt")
+    best = os.path.join(args.save_root, "checkpoints", NAME, f"{args.export_checkpoint}.pt")
     export_half_precision(best, output)
     print(f"Exported {best} (half precision) to {output} ({os.path.getsize(output) / 1e6:.1f} MB).")
     if os.path.abspath(output) == DEFAULT_OUTPUT:

@@ -221,7 +221,7 @@ def _build_sam_trainer(
     name, model_type, train_loader, val_loader, early_stopping, n_objects_per_batch, checkpoint_path,
     with_segmentation_decoder, freeze, device, lr, n_sub_iteration, save_root, mask_prob, scheduler_class,
     scheduler_kwargs, optimizer_class, peft_kwargs, box_distortion_factor, strict_decoder_loading, low_res_loss,
-    **model_kwargs,
+    mask_loss=None, **model_kwargs,
 ) -> SamTrainer:
     """The trainer that :func:`train_sam` runs (model, decoder, optimizer and scheduler set up)."""
     device = get_device(device)
@@ -247,7 +247,7 @@ def _build_sam_trainer(
         optimizer=optimizer, device=device, lr_scheduler=scheduler, log_image_interval=100,
         mixed_precision=torch.device(device).type == "cuda", convert_inputs=convert_inputs,
         n_objects_per_batch=n_objects_per_batch, n_sub_iteration=n_sub_iteration, compile_model=False,
-        early_stopping=early_stopping, mask_prob=mask_prob, low_res_loss=low_res_loss,
+        early_stopping=early_stopping, mask_prob=mask_prob, low_res_loss=low_res_loss, mask_loss=mask_loss,
     )
     if with_segmentation_decoder:
         instance_loss = torch_em.loss.DiceBasedDistanceLoss(mask_distances_in_bg=True)
@@ -288,6 +288,7 @@ def train_sam(
     strict_decoder_loading: bool = True,
     load_from_checkpoint: Optional[Union[str, os.PathLike]] = None,
     low_res_loss: bool = True,
+    mask_loss: Optional[torch.nn.Module] = None,
     **model_kwargs,
 ) -> None:
     """Train SAM for interactive segmentation, optionally with the UNETR decoder for automatic segmentation.
@@ -326,6 +327,8 @@ def train_sam(
             file; ``n_iterations`` / ``n_epochs`` are counted on from its iteration.
         low_res_loss: Compute the loss on SAM's 256 x 256 logits (faster; see
             :mod:`micro_sam.training.sam_trainer`); False upsamples masks to the input size as micro_sam does.
+        mask_loss: The loss of the predicted masks (see :mod:`micro_sam.training.losses`); None: micro_sam's
+            Dice loss. It is also the validation metric.
         model_kwargs: Further arguments of :func:`micro_sam.util.get_sam_model`.
 
     Raises:
@@ -348,7 +351,8 @@ def train_sam(
             n_sub_iteration=n_sub_iteration, save_root=save_root, mask_prob=mask_prob,
             scheduler_class=scheduler_class, scheduler_kwargs=scheduler_kwargs, optimizer_class=optimizer_class,
             peft_kwargs=peft_kwargs, box_distortion_factor=box_distortion_factor,
-            strict_decoder_loading=strict_decoder_loading, low_res_loss=low_res_loss, **model_kwargs,
+            strict_decoder_loading=strict_decoder_loading, low_res_loss=low_res_loss, mask_loss=mask_loss,
+            **model_kwargs,
         )
         fit_params = _get_trainer_fit_params(n_epochs, n_iterations, save_every_kth_epoch, pbar_signals,
                                              overwrite_training, _resume_source(load_from_checkpoint, save_root, name))
