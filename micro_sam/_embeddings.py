@@ -1,6 +1,8 @@
 """Image embeddings: computation (2D, 3D, tiled) and the zarr cache in micro_sam 1.8's layout.
 
-Cache layout (a zarr group, compatible with micro_sam 1.8 in both directions):
+Cache layout (a zarr group, compatible with micro_sam 1.8 in both directions; 64 x 64 is the embedding grid of
+SAM's 1024 input, a vit_t model built for input size 512 has 32 x 32):
+
 - untiled 2D: array ``features`` of shape (1, 256, 64, 64);
 - untiled 3D: array ``features`` of shape (Z, 1, 256, 64, 64), one chunk per slice;
 - tiled 2D: group ``features`` with one array per tile, named by the tile id, of shape (1, 256, 64, 64);
@@ -180,7 +182,8 @@ def _compute_3d(predictor, input_, f, persistent, lazy_loading, batch_size, pbar
         features = f["features"] if lazy_loading else f["features"][...]
         return {"features": features, "input_size": tuple(f.attrs["input_size"]),
                 "original_size": tuple(f.attrs["original_size"])}
-    shape, chunks = (n_slices, 1, 256, 64, 64), (1, 1, 256, 64, 64)
+    grid = int(predictor.model.image_encoder.img_size) // 16  # 64 for SAM's 1024 input
+    shape, chunks = (n_slices, 1, 256, grid, grid), (1, 1, 256, grid, grid)
     if persistent:
         if "features" in f:
             features = f["features"]

@@ -84,6 +84,26 @@ def test_embedding_cache_and_prompt_segmentation(checkpoint_512, tmp_path):
     assert mask.shape[-2:] == (512, 512)
 
 
+def test_volume_and_tiled_embeddings(checkpoint_512, tmp_path):
+    from micro_sam.sample_data import synthetic_nuclei_3d
+    from micro_sam.util import get_sam_model, precompute_image_embeddings
+
+    predictor = get_sam_model(model_type="vit_t", checkpoint_path=checkpoint_512, device="cpu")
+    volume, _ = synthetic_nuclei_3d((3, 128, 128), seed=0)
+    path = tmp_path / "volume.zarr"
+    computed = precompute_image_embeddings(predictor, volume, save_path=str(path), ndim=3, verbose=False)
+    loaded = precompute_image_embeddings(predictor, volume, save_path=str(path), ndim=3, verbose=False)
+    assert tuple(computed["features"].shape) == (3, 1, 256, 32, 32)
+    np.testing.assert_array_equal(np.asarray(computed["features"]), np.asarray(loaded["features"]))
+    single = precompute_image_embeddings(predictor, volume[1], verbose=False)
+    np.testing.assert_allclose(np.asarray(computed["features"][1]), np.asarray(single["features"]), atol=1e-5)
+
+    image, _ = _image((600, 700), seed=4)
+    tiled = precompute_image_embeddings(predictor, image, save_path=str(tmp_path / "tiled.zarr"),
+                                        tile_shape=(384, 384), halo=(64, 64), verbose=False)
+    assert all(tuple(tiled["features"][name].shape) == (1, 256, 32, 32) for name in tiled["features"])
+
+
 def test_export_keeps_the_size(checkpoint_512, tmp_path):
     from micro_sam.util import export_custom_sam_model, get_sam_model
 
