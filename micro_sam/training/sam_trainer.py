@@ -158,7 +158,8 @@ class CheckpointMixin:
             "timestamp": datetime.now().strftime("%d-%m-%Y (%H:%M:%S)"),
         }
         image_size = getattr(self.model, "img_size", 1024)
-        if image_size != 1024:  # a vit_t trained at another input size must be rebuilt at that size
+        encoder = getattr(getattr(self.model, "sam", None), "image_encoder", None)
+        if image_size != 1024 and type(encoder).__name__ == "TinyViT":  # vit_t at another input size
             save_dict["image_size"] = int(image_size)
         save_dict.update(extra_save_dict)
         if self.scaler is not None:

@@ -523,7 +523,7 @@ def export_instance_segmentation_model(
     os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
     to_save = {"model_state": model_state, "decoder_state": decoder_state}
     image_size = int(predictor.model.image_encoder.img_size)
-    if image_size != 1024:
+    if getattr(predictor, "model_type", None) == "vit_t" and image_size != 1024:  # see models.build_sam
         to_save["image_size"] = image_size
     torch.save(to_save, output_path)
 
