@@ -15,26 +15,6 @@ NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 CELL_TIMEOUT_S = 300
 
 
-def _bundled_model_missing() -> bool:
-    """True while the bundled demo model (``vit_t_demo``) is not registered or its file is not in the package."""
-    from micro_sam import _registry
-
-    entry = _registry.registry().get("vit_t_demo")
-    if entry is None or entry.bundled_file is None:
-        return True
-    try:
-        _registry.bundled_path(entry)
-    except RuntimeError:
-        return True
-    return False
-
-
-# The only skip: every notebook uses the bundled model, which is committed separately from the notebooks.
-# TODO(lead): remove this skip once micro_sam/_data/vit_t_demo.pt and bundled_models.tsv are committed.
-requires_bundled_model = pytest.mark.skipif(
-    _bundled_model_missing(), reason="the bundled demo model vit_t_demo (micro_sam/_data/vit_t_demo.pt) is missing"
-)
-
 # Text that each notebook prints when it ran through: facts about the data, not the model's quality.
 EXPECTED_OUTPUT = {
     "interactive_segmentation.ipynb": ["96 labelled objects", "192 prompts in", "point prompts: mean IoU",
@@ -66,7 +46,6 @@ def _stream_text(notebook) -> str:
     )
 
 
-@requires_bundled_model
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[path.stem for path in NOTEBOOKS])
 def test_notebook_runs(path, tmp_path, monkeypatch):
     # Non-interactive plotting; the micro_sam cache and temporary files in the test's folder (nothing is downloaded).

@@ -1,0 +1,92 @@
+"""The bundled demo model: registered, offline, small, and as good as the README says on held-out images."""
+import os
+
+import numpy as np
+import pytest
+import tifffile
+
+from micro_sam import _registry
+
+# The README's numbers (8 held-out images, scripts/train_demo_model.py) are the reference; these tests check two
+# other held-out images (measured: mSA 0.295, point IoU 0.534) and the sample image (mSA 0.236) against the
+# thresholds below, a little under the measured values, so that a regression shows. The current file does not yet
+# reach the quality the project aims at (mSA >= 0.6, point IoU >= 0.85, issue 7); raise these with a better model.
+MIN_AIS_MSA = 0.25
+MIN_POINT_IOU = 0.48
+MIN_SAMPLE_MSA = 0.2
+
+
+@pytest.fixture(scope="module")
+def demo():
+    from micro_sam.instance_segmentation import get_predictor_and_decoder
+
+    return get_predictor_and_decoder("vit_t_demo", device="cpu")
+
+
+def test_registered_and_small():
+    import torch
+
+    from micro_sam._sam_loading import compute_hash
+
+    assert "vit_t_demo" in _registry.get_model_names()
+    entry = _registry.get_entry("vit_t_demo")
+    path = _registry.bundled_path(entry)
+    assert entry.architecture == "vit_t" and entry.url is None
+    assert compute_hash(path) == entry.known_hash
+    assert os.path.getsize(path) <= 45e6
+    state = torch.load(path, weights_only=True, map_location="cpu")
+    assert state["image_size"] == 512
+    tensors = list(state["model_state"].values()) + list(state["decoder_state"].values())
+    floating = [t for t in tensors if torch.is_floating_point(t)]
+    assert floating and all(t.dtype == torch.float16 for t in floating)
+
+
+def test_loads_offline(monkeypatch):
+    import pooch
+
+    from micro_sam.util import get_sam_model
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the bundled model must not be downloaded")
+
+    monkeypatch.setattr(pooch, "retrieve", no_network)
+    predictor = get_sam_model(model_type="vit_t_demo", device="cpu")
+    assert predictor.model_type == "vit_t" and predictor.model.image_encoder.img_size == 512
+    assert predictor._hash == _registry.get_entry("vit_t_demo").known_hash
+
+
+def test_held_out_quality(demo):
+    from micro_sam.evaluation.metrics import mean_segmentation_accuracy
+    from micro_sam.evaluation.point_prompts import point_prompt_ious
+    from micro_sam.instance_segmentation import InstanceSegmentationWithDecoder
+    from micro_sam.sample_data import synthetic_cells_2d, synthetic_nuclei_2d
+    from micro_sam.util import precompute_image_embeddings
+
+    predictor, decoder = demo
+    segmenter = InstanceSegmentationWithDecoder(predictor, decoder)
+    msa, ious = [], []
+    # seeds far from those of the training (42000-42127), validation (42500+) and test (42900+) images
+    for generate, seed in ((synthetic_nuclei_2d, 777), (synthetic_cells_2d, 778)):
+        image, labels = generate((512, 512), seed=seed)
+        embeddings = precompute_image_embeddings(predictor, image, verbose=False)
+        segmenter.initialize(image, image_embeddings=embeddings)
+        msa.append(mean_segmentation_accuracy(segmenter.generate(), labels))
+        ious.extend(point_prompt_ious(predictor, image, labels, image_embeddings=embeddings).values())
+    assert np.mean(msa) >= MIN_AIS_MSA, msa
+    assert np.mean(ious) >= MIN_POINT_IOU
+
+
+def test_readme_first_command(tmp_path):
+    """The README's first command: segment the bundled sample image, write labels and an overlay."""
+    import imageio.v3 as imageio
+
+    from micro_sam.automatic_segmentation import main
+    from micro_sam.evaluation.metrics import mean_segmentation_accuracy
+    from micro_sam.sample_data import sample_image_path, sample_labels_path
+
+    out = tmp_path / "segmentation.tif"
+    assert main(["-i", sample_image_path(), "-o", str(out), "-m", "vit_t_demo", "--overlay"]) == 0
+    labels = tifffile.imread(out)
+    assert labels.shape == (512, 512)
+    assert imageio.imread(tmp_path / "segmentation_overlay.png").shape[:2] == (512, 512)
+    assert mean_segmentation_accuracy(labels, tifffile.imread(sample_labels_path())) >= MIN_SAMPLE_MSA
