@@ -90,6 +90,20 @@ def _done_iterations(save_root: str) -> int:
 _PROMPT_PARTS = ("prompt_encoder.", "mask_decoder.")
 
 
+def _decoder_state_of(path: str) -> Optional[dict]:
+    """The UNETR decoder state of a model file / SAM trainer checkpoint, or of a UNETR trainer checkpoint
+    (``train_instance_segmentation``: the UNETR's state without its ``encoder.*`` part)."""
+    from micro_sam._checkpoints import safe_load
+
+    state = safe_load(path)
+    if state.get("decoder_state") is not None:
+        return state["decoder_state"]
+    unetr = state.get("model_state", {})
+    if any(k.startswith("encoder.") for k in unetr):
+        return {k: v for k, v in unetr.items() if not k.startswith("encoder.")}
+    return None
+
+
 def assemble(base: str, output: str, prompt_parts_from: Optional[str] = None,
              decoder_from: Optional[str] = None) -> None:
     """Write a float32 model file ``{"model_state", "decoder_state", "image_size"}`` built from checkpoints.
@@ -109,7 +123,7 @@ def assemble(base: str, output: str, prompt_parts_from: Optional[str] = None,
             if key.startswith(_PROMPT_PARTS):
                 model_state[key] = value
     if decoder_from is not None:
-        _, decoder_state, _ = split_checkpoint(safe_load(decoder_from), decoder_from)
+        decoder_state = _decoder_state_of(decoder_from)
     if decoder_state is None:
         raise ValueError(f"No decoder_state in {decoder_from or base}.")
     assembled = {"model_state": model_state, "decoder_state": decoder_state}
@@ -131,7 +145,7 @@ def export_half_precision(checkpoint: str, output: str, decoder_from: Optional[s
 
     model_state, decoder_state, state = split_checkpoint(safe_load(checkpoint), checkpoint)
     if decoder_from is not None:
-        _, decoder_state, _ = split_checkpoint(safe_load(decoder_from), decoder_from)
+        decoder_state = _decoder_state_of(decoder_from)
     if decoder_state is None:
         raise ValueError(f"{checkpoint} has no decoder_state.")
 
@@ -206,10 +220,12 @@ def main(argv=None):
                         help="Start a new run from this model file ({model_state, decoder_state, image_size}, e.g. "
                         "an export of an earlier run's latest.pt) instead of random weights: a fresh optimizer, "
                         "e.g. for another learning rate.")
-    parser.add_argument("--stage", choices=["joint", "interactive"], default="joint",
+    parser.add_argument("--stage", choices=["joint", "interactive", "decoder"], default="joint",
                         help="joint: everything (SAM and the UNETR decoder, JointSamTrainer); interactive: only the "
                         "prompt encoder and mask decoder on the frozen image encoder of --init-from (SamTrainer), "
-                        "much cheaper per iteration; the export takes the decoder from --init-from.")
+                        "much cheaper per iteration, the export takes the decoder from --init-from; decoder: only "
+                        "the UNETR decoder on that frozen encoder (train_instance_segmentation), the export takes "
+                        "SAM from --init-from.")
     parser.add_argument("--prompt-parts-from", default=None,
                         help="With --init-from: start the prompt encoder and mask decoder from this checkpoint "
                         "(e.g. an interactive stage trained on an earlier encoder).")
@@ -220,7 +236,7 @@ def main(argv=None):
 
     import torch
 
-    from micro_sam.training import default_sam_loader, train_sam
+    from micro_sam.training import default_sam_loader, train_instance_segmentation, train_sam
     from micro_sam.training.losses import DiceBCELoss
 
     if args.smoke:
@@ -240,10 +256,12 @@ def main(argv=None):
     train_images, train_labels = _images(args.n_train, shape, seed=args.seed * 1000)
     val_images, val_labels = _images(args.n_val, shape, seed=args.seed * 1000 + 500)
     test_images, test_labels = _images(args.n_test, shape, seed=args.seed * 1000 + 900)
-    joint = args.stage == "joint"
+    joint, decoder_only = args.stage == "joint", args.stage == "decoder"
     if not joint and args.init_from is None:
-        parser.error("--stage interactive needs --init-from (the model whose image encoder is kept).")
-    common = dict(raw_key=None, label_key=None, patch_shape=shape, with_segmentation_decoder=joint)
+        parser.error(f"--stage {args.stage} needs --init-from (the model whose image encoder is kept).")
+    common = dict(raw_key=None, label_key=None, patch_shape=shape, with_segmentation_decoder=joint or decoder_only)
+    if decoder_only:
+        common["train_instance_segmentation_only"] = True
     train_loader = default_sam_loader(raw_paths=train_images, label_paths=train_labels, shuffle=True, batch_size=1,
                                       n_samples=args.iterations_per_epoch, **common)
     val_loader = default_sam_loader(raw_paths=val_images, label_paths=val_labels, batch_size=1, is_train=False,
@@ -261,7 +279,14 @@ def main(argv=None):
     remaining = args.iterations - done
     print(f"{done} of {args.iterations} iterations done; training {max(remaining, 0)} more.")
     t_start = time.time()
-    if remaining > 0:
+    if remaining > 0 and decoder_only:
+        train_instance_segmentation(
+            name=NAME, model_type="vit_t", train_loader=train_loader, val_loader=val_loader,
+            n_iterations=remaining, checkpoint_path=initial, freeze=["image_encoder"], lr=args.lr,
+            save_root=args.save_root, device=args.device, early_stopping=None, verify_n_labels_in_loader=2,
+            load_from_checkpoint="latest" if done > 0 else None,
+        )
+    elif remaining > 0:
         train_sam(
             name=NAME, model_type="vit_t", train_loader=train_loader, val_loader=val_loader,
             n_iterations=remaining, checkpoint_path=initial, with_segmentation_decoder=joint, lr=args.lr,
@@ -271,13 +296,18 @@ def main(argv=None):
             load_from_checkpoint="latest" if done > 0 else None,
             mask_loss=DiceBCELoss(args.bce_weight) if args.bce_weight else None,
         )
+    if remaining > 0:
         elapsed = time.time() - t_start
         print(f"Trained {remaining} iterations in {elapsed:.1f} s ({elapsed / remaining:.2f} s/iteration, "
               "validation and checkpointing included).")
 
     best = os.path.join(args.save_root, "checkpoints", NAME, f"{args.export_checkpoint}.pt")
-    export_half_precision(best, output, decoder_from=None if joint else args.init_from)
-    print(f"Exported {best} (half precision) to {output} ({os.path.getsize(output) / 1e6:.1f} MB).")
+    if decoder_only:
+        export_half_precision(args.init_from, output, decoder_from=best)
+    else:
+        export_half_precision(best, output, decoder_from=None if joint else args.init_from)
+    what = f"{args.init_from} with the decoder of {best}" if decoder_only else best
+    print(f"Exported {what} (half precision) to {output} ({os.path.getsize(output) / 1e6:.1f} MB).")
     if os.path.abspath(output) == DEFAULT_OUTPUT:
         register_bundled(output)
         print(f"Registered {NAME} in micro_sam/_data/bundled_models.tsv.")

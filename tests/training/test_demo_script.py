@@ -1,0 +1,42 @@
+"""scripts/train_demo_model.py: assembling the bundled model from the checkpoints of its training stages."""
+import importlib.util
+from pathlib import Path
+
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "train_demo_model.py"
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("train_demo_model", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_assemble_takes_each_part_from_its_stage(tmp_path):
+    script = _script()
+    t = {name: torch.full((2,), float(i)) for i, name in enumerate("abcdefgh")}
+    joint = tmp_path / "joint.pt"
+    torch.save({"model_state": {"image_encoder.w": t["a"], "prompt_encoder.w": t["b"], "mask_decoder.w": t["c"]},
+                "decoder_state": {"base.w": t["d"]}, "image_size": 512}, joint)
+    interactive = tmp_path / "interactive.pt"  # a SamTrainer checkpoint: "sam." prefixed, no decoder
+    torch.save({"model_state": {"sam.image_encoder.w": t["e"], "sam.prompt_encoder.w": t["f"],
+                                "sam.mask_decoder.w": t["g"]}, "iteration": 3}, interactive)
+    unetr = tmp_path / "unetr.pt"  # a train_instance_segmentation checkpoint: the UNETR with its encoder
+    torch.save({"model_state": {"encoder.w": t["e"], "base.w": t["h"]}, "iteration": 5}, unetr)
+
+    out = tmp_path / "assembled.pt"
+    script.assemble(str(joint), str(out), prompt_parts_from=str(interactive), decoder_from=str(unetr))
+    result = torch.load(out, weights_only=True)
+    assert result["image_size"] == 512
+    assert torch.equal(result["model_state"]["image_encoder.w"], t["a"])      # encoder of the joint stage
+    assert torch.equal(result["model_state"]["prompt_encoder.w"], t["f"])     # prompt parts of the interactive one
+    assert torch.equal(result["model_state"]["mask_decoder.w"], t["g"])
+    assert list(result["decoder_state"]) == ["base.w"] and torch.equal(result["decoder_state"]["base.w"], t["h"])
+
+    half = tmp_path / "half.pt"
+    script.export_half_precision(str(out), str(half))
+    exported = torch.load(half, weights_only=True)
+    assert exported["image_size"] == 512 and exported["model_state"]["mask_decoder.w"].dtype == torch.float16
+    assert not list(tmp_path.glob("*.tmp-*"))
