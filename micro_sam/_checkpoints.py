@@ -147,11 +147,15 @@ def image_size_of(state: dict, architecture: str, path: str = "") -> int:
     Raises:
         CheckpointError: For an invalid size, or a size other than 1024 for an architecture other than vit_t.
     """
+    from .models.build_sam import check_image_size
+
     size = state.get("image_size", 1024) if isinstance(state, dict) else 1024
     if torch.is_tensor(size):
         size = size.item()
-    if isinstance(size, bool) or not isinstance(size, int) or size < 256 or size % 64:
-        raise CheckpointError(f"The checkpoint {path!r} has an invalid image_size {size!r}.")
+    try:
+        size = check_image_size(size)
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"The checkpoint {path!r} has an invalid image_size {size!r}: {error}") from None
     if size != 1024 and architecture != "vit_t":
         raise CheckpointError(
             f"The checkpoint {path!r} is a {architecture} model for image_size {size}; only vit_t models can be "

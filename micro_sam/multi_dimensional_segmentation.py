@@ -439,13 +439,17 @@ def automatic_3d_segmentation(
     Returns:
         The (Z, Y, X) label volume, and the embeddings if ``return_embeddings`` is True.
     """
-    from .instance_segmentation._volume import automatic_3d_segmentation as _implementation
+    from .instance_segmentation._volume import segment_slices
 
-    return _implementation(
-        volume, predictor, segmentor, embedding_path=embedding_path, with_background=with_background,
-        gap_closing=gap_closing, min_z_extent=min_z_extent, tile_shape=tile_shape, halo=halo, verbose=verbose,
-        return_embeddings=return_embeddings, batch_size=batch_size, **kwargs,
+    segmentation, image_embeddings = segment_slices(
+        volume, predictor, segmentor, embedding_path=embedding_path, verbose=verbose, tile_shape=tile_shape,
+        halo=halo, batch_size=batch_size, **kwargs,
     )
+    segmentation = merge_instance_segmentation_3d(
+        segmentation, beta=0.5, with_background=with_background, gap_closing=gap_closing,
+        min_z_extent=min_z_extent, verbose=verbose,
+    )
+    return (segmentation, image_embeddings) if return_embeddings else segmentation
 
 
 # --- tracking -------------------------------------------------------------------------------------------------

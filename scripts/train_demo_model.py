@@ -105,11 +105,12 @@ def _decoder_state_of(path: str) -> Optional[dict]:
 
 
 def assemble(base: str, output: str, prompt_parts_from: Optional[str] = None,
-             decoder_from: Optional[str] = None) -> None:
-    """Write a float32 model file ``{"model_state", "decoder_state", "image_size"}`` built from checkpoints.
+             decoder_from: Optional[str] = None, half: bool = False) -> None:
+    """Write a model file ``{"model_state", "decoder_state"[, "image_size"]}`` built from checkpoints.
 
     ``base`` gives everything; ``prompt_parts_from`` replaces the prompt encoder and mask decoder (the result of
-    the interactive stage), ``decoder_from`` the UNETR decoder state. All are trainer checkpoints or model files.
+    the interactive stage), ``decoder_from`` the UNETR decoder state (a model file, a SAM trainer checkpoint or a
+    UNETR trainer checkpoint). ``half``: floating tensors in float16. Written atomically.
     """
     import torch
 
@@ -119,46 +120,30 @@ def assemble(base: str, output: str, prompt_parts_from: Optional[str] = None,
     model_state = dict(model_state)
     if prompt_parts_from is not None:
         other, _, _ = split_checkpoint(safe_load(prompt_parts_from), prompt_parts_from)
-        for key, value in other.items():
-            if key.startswith(_PROMPT_PARTS):
-                model_state[key] = value
+        model_state.update((k, v) for k, v in other.items() if k.startswith(_PROMPT_PARTS))
     if decoder_from is not None:
         decoder_state = _decoder_state_of(decoder_from)
     if decoder_state is None:
         raise ValueError(f"No decoder_state in {decoder_from or base}.")
-    assembled = {"model_state": model_state, "decoder_state": decoder_state}
+
+    def convert(tensors):
+        return {k: (v.half() if half and torch.is_floating_point(v) else v) for k, v in tensors.items()}
+
+    assembled = {"model_state": convert(model_state), "decoder_state": convert(decoder_state)}
     if "image_size" in state:
         assembled["image_size"] = int(state["image_size"])
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     tmp = f"{output}.tmp-{os.getpid()}"
     torch.save(assembled, tmp)
     os.replace(tmp, output)
 
 
 def export_half_precision(checkpoint: str, output: str, decoder_from: Optional[str] = None) -> None:
-    """Write ``{"model_state", "decoder_state"}`` of a trainer checkpoint with floating tensors in float16.
+    """Write ``{"model_state", "decoder_state"}`` of a checkpoint with floating tensors in float16.
 
     ``decoder_from``: take the decoder state from this file (for a checkpoint of the interactive stage).
     """
-    import torch
-
-    from micro_sam._checkpoints import safe_load, split_checkpoint
-
-    model_state, decoder_state, state = split_checkpoint(safe_load(checkpoint), checkpoint)
-    if decoder_from is not None:
-        decoder_state = _decoder_state_of(decoder_from)
-    if decoder_state is None:
-        raise ValueError(f"{checkpoint} has no decoder_state.")
-
-    def half(state):
-        return {k: (v.half() if torch.is_floating_point(v) else v) for k, v in state.items()}
-
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    tmp = f"{output}.tmp-{os.getpid()}"
-    exported = {"model_state": half(model_state), "decoder_state": half(decoder_state)}
-    if "image_size" in state:
-        exported["image_size"] = int(state["image_size"])
-    torch.save(exported, tmp)
-    os.replace(tmp, output)
+    assemble(checkpoint, output, decoder_from=decoder_from, half=True)
 
 
 def register_bundled(output: str) -> None:

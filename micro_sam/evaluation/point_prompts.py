@@ -61,7 +61,7 @@ def point_prompt_ious(
     """
     import torch
 
-    from ..util import precompute_image_embeddings, set_precomputed
+    from ..util import compute_iou, precompute_image_embeddings, set_precomputed
 
     labels = np.asarray(labels)
     if labels.shape != np.asarray(image).shape[:2]:
@@ -83,6 +83,5 @@ def point_prompt_ious(
         best = scores.argmax(dim=1)
         masks = masks[torch.arange(len(batch)), best].cpu().numpy()
         for object_id, mask in zip(batch, masks):
-            truth = labels == object_id
-            ious[object_id] = float((mask & truth).sum() / max((mask | truth).sum(), 1))
+            ious[object_id] = compute_iou(mask, labels == object_id)
     return ious

@@ -9,6 +9,7 @@ the input size (TinyViT's attention biases belong to the windows, the prompt enc
 continuous), so the same state dict runs at another size; a model trained at 512 must be built at 512 to see
 objects at the scale it was trained on. Checkpoints record a non-default size as ``"image_size"``.
 """
+import numbers
 import os
 from typing import Callable, Dict, Optional, Union
 
@@ -20,7 +21,10 @@ from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTra
 
 from .tiny_vit import TinyViT
 
-__all__ = ["sam_model_registry", "build_sam_vit_h", "build_sam_vit_l", "build_sam_vit_b", "build_sam_vit_t", "check_image_size"]
+__all__ = [
+    "sam_model_registry", "build_sam_vit_h", "build_sam_vit_l", "build_sam_vit_b", "build_sam_vit_t",
+    "check_image_size",
+]
 
 PathLike = Union[str, os.PathLike]
 
@@ -33,8 +37,9 @@ def _load_checkpoint(sam: Sam, checkpoint: Optional[PathLike]) -> Sam:
 
 
 def check_image_size(image_size) -> int:
-    """``image_size`` as int; ValueError unless it is a multiple of 64 of at least 256."""
-    if isinstance(image_size, bool) or int(image_size) != image_size or image_size < 256 or image_size % 64:
+    """``image_size`` as int; ValueError unless it is an integer multiple of 64 of at least 256."""
+    integral = isinstance(image_size, numbers.Integral) and not isinstance(image_size, bool)
+    if not integral or image_size < 256 or image_size % 64:
         raise ValueError(f"image_size must be a multiple of 64 of at least 256 (SAM: 1024), got {image_size!r}.")
     return int(image_size)
 

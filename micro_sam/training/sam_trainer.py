@@ -157,9 +157,11 @@ class CheckpointMixin:
             "train_time": float(train_time),
             "timestamp": datetime.now().strftime("%d-%m-%Y (%H:%M:%S)"),
         }
+        from ..models.tiny_vit import TinyViT
+
         image_size = getattr(self.model, "img_size", 1024)
         encoder = getattr(getattr(self.model, "sam", None), "image_encoder", None)
-        if image_size != 1024 and type(encoder).__name__ == "TinyViT":  # vit_t at another input size
+        if image_size != 1024 and isinstance(encoder, TinyViT):  # vit_t at another input size
             save_dict["image_size"] = int(image_size)
         save_dict.update(extra_save_dict)
         if self.scaler is not None:
