@@ -4,7 +4,8 @@ Unlike :mod:`micro_sam.prompt_based_segmentation`, prompts here follow SAM's own
 micro_sam): boxes are XYXY ``[min_x, min_y, max_x, max_y]`` with shape (N, 4), points are (x, y) with shape
 (N, P, 2) (P points per prompt), point labels (N, P) with 1 = foreground, 0 = background and -1 = padding.
 
-Each batch of prompts is one call of ``predictor.predict_torch``; thresholding, stability scores and
+Each batch of prompts is one call of ``predictor.predict_torch`` (computed by
+:func:`micro_sam.models.fast_mask_decoder.predict_torch`); thresholding, stability scores and
 bounding boxes are computed for the whole batch at once.
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from . import _tiling
 from . import util
 from ._masks import relabel_consecutive
+from .models.fast_mask_decoder import predict_torch
 
 __all__ = ["batched_inference", "batched_tiled_inference"]
 
@@ -261,7 +263,8 @@ def batched_inference(
     batches = []
     for start in range(0, n_prompts, batch_size):
         batch = slice(start, min(start + batch_size, n_prompts))
-        masks, ious, low_res = predictor.predict_torch(
+        masks, ious, low_res = predict_torch(
+            predictor,
             point_coords=None if points is None else points[batch],
             point_labels=None if point_labels is None else point_labels[batch],
             boxes=None if boxes is None else boxes[batch],

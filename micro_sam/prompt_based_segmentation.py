@@ -28,6 +28,7 @@ import torch
 
 from . import _tiling
 from ._embeddings import set_precomputed
+from .models.fast_mask_decoder import decode_masks, upscale_masks
 
 __all__ = ["segment_from_box", "segment_from_box_and_points", "segment_from_mask", "segment_from_points"]
 
@@ -220,15 +221,15 @@ def _predict(predictor, points_xy=None, labels=None, box_xyxy=None, mask_input=N
             mask_prompt = torch.as_tensor(mask_input, dtype=torch.float, device=device)[None]
 
         sparse, dense = model.prompt_encoder(points=point_prompt, boxes=box_prompt, masks=mask_prompt)
-        low_res, scores = model.mask_decoder(
-            image_embeddings=predictor.features, image_pe=_dense_pe(model.prompt_encoder),
+        low_res, scores = decode_masks(
+            model.mask_decoder, image_embeddings=predictor.features, image_pe=_dense_pe(model.prompt_encoder),
             sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=multimask_output,
         )
         chosen = low_res
         if select_best:
             best = int(torch.argmax(scores[0]))
             chosen = low_res[:, best:best + 1]
-        masks = model.postprocess_masks(chosen, predictor.input_size, size)
+        masks = upscale_masks(model, chosen, predictor.input_size, size)
         if not return_logits:
             masks = masks > model.mask_threshold
     return masks[0].cpu().numpy(), scores[0].cpu().numpy(), low_res[0].cpu().numpy()

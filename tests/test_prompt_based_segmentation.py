@@ -43,6 +43,17 @@ def _sam(reference, embeddings, i=None, **kwargs):
     return reference.predict(**kwargs)
 
 
+def _assert_masks_match(masks, ref_masks):
+    """Equal masks, up to a few pixels whose logit is within float rounding of the threshold.
+
+    The mask decoder here computes SAM's function with reordered arithmetic
+    (:mod:`micro_sam.models.fast_mask_decoder`), so logits differ from SamPredictor's by ~1e-6.
+    """
+    masks, ref_masks = np.asarray(masks), np.asarray(ref_masks)
+    assert masks.shape == ref_masks.shape and masks.dtype == ref_masks.dtype
+    assert np.count_nonzero(masks != ref_masks) <= max(2, 1e-4 * masks.size)
+
+
 # --- equality with SamPredictor.predict --------------------------------------------------------------------
 def test_single_positive_point_picks_best_multimask(predictor, reference, embeddings):
     points, labels = np.array([[40, 170]]), np.array([1])
@@ -51,9 +62,9 @@ def test_single_positive_point_picks_best_multimask(predictor, reference, embedd
                                              point_labels=labels, multimask_output=True)
     best = int(np.argmax(ref_scores))
     assert masks.shape == (1,) + SHAPE and masks.dtype == bool
-    np.testing.assert_array_equal(masks[0], ref_masks[best])
-    np.testing.assert_array_equal(scores, ref_scores)
-    np.testing.assert_array_equal(logits, ref_logits)
+    _assert_masks_match(masks[0], ref_masks[best])
+    np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(logits, ref_logits, rtol=1e-4, atol=1e-5)
     assert 0 < masks.sum() < masks.size  # a real mask, not trivially empty or full
 
 
@@ -63,13 +74,13 @@ def test_points_positive_and_negative(predictor, reference, embeddings):
     ref_masks, _, _ = _sam(reference, embeddings, point_coords=points[:, ::-1], point_labels=labels,
                            multimask_output=False)
     assert masks.shape == (1,) + SHAPE
-    np.testing.assert_array_equal(masks, ref_masks)
+    _assert_masks_match(masks, ref_masks)
 
     masks = pbs.segment_from_points(predictor, points, labels, embeddings, multimask_output=True)
     ref_masks, _, _ = _sam(reference, embeddings, point_coords=points[:, ::-1], point_labels=labels,
                            multimask_output=True)
     assert masks.shape == (3,) + SHAPE
-    np.testing.assert_array_equal(masks, ref_masks)
+    _assert_masks_match(masks, ref_masks)
 
 
 def test_use_best_multimask_off_for_single_point(predictor, reference, embeddings):
@@ -77,28 +88,28 @@ def test_use_best_multimask_off_for_single_point(predictor, reference, embedding
     masks = pbs.segment_from_points(predictor, points, labels, embeddings, use_best_multimask=False)
     ref_masks, _, _ = _sam(reference, embeddings, point_coords=np.array([[170, 40]]), point_labels=labels,
                            multimask_output=False)
-    np.testing.assert_array_equal(masks, ref_masks)
+    _assert_masks_match(masks, ref_masks)
 
 
 def test_box(predictor, reference, embeddings):
     box = np.array([20, 100, 90, 210])  # y0, x0, y1, x1
     masks, scores, _ = pbs.segment_from_box(predictor, box, embeddings, return_all=True)
     ref_masks, ref_scores, _ = _sam(reference, embeddings, box=np.array([100, 20, 210, 90]), multimask_output=False)
-    np.testing.assert_array_equal(masks, ref_masks)
-    np.testing.assert_array_equal(scores, ref_scores)
+    _assert_masks_match(masks, ref_masks)
+    np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-6)
 
     # extension by 10% of the box size each side: 7 px in y, 11 px in x; and by 5 pixels
     masks = pbs.segment_from_box(predictor, box, embeddings, box_extension=0.1)
     ref_masks, _, _ = _sam(reference, embeddings, box=np.array([89, 13, 221, 97]), multimask_output=False)
-    np.testing.assert_array_equal(masks, ref_masks)
+    _assert_masks_match(masks, ref_masks)
     masks = pbs.segment_from_box(predictor, box, embeddings, box_extension=5)
     ref_masks, _, _ = _sam(reference, embeddings, box=np.array([95, 15, 215, 95]), multimask_output=False)
-    np.testing.assert_array_equal(masks, ref_masks)
+    _assert_masks_match(masks, ref_masks)
 
     # a box reaching beyond the image is clipped to it
     masks = pbs.segment_from_box(predictor, np.array([-10, 200, 60, 400]), embeddings)
     ref_masks, _, _ = _sam(reference, embeddings, box=np.array([200, 0, 250, 60]), multimask_output=False)
-    np.testing.assert_array_equal(masks, ref_masks)
+    _assert_masks_match(masks, ref_masks)
 
 
 def test_box_and_points(predictor, reference, embeddings):
@@ -106,7 +117,7 @@ def test_box_and_points(predictor, reference, embeddings):
     masks = pbs.segment_from_box_and_points(predictor, box, points, labels, embeddings)
     ref_masks, _, _ = _sam(reference, embeddings, box=np.array([100, 20, 210, 90]),
                            point_coords=points[:, ::-1], point_labels=labels, multimask_output=False)
-    np.testing.assert_array_equal(masks, ref_masks)
+    _assert_masks_match(masks, ref_masks)
 
 
 def test_mask_to_logits_known_answer():
@@ -134,13 +145,13 @@ def test_mask_prompts(predictor, reference, embeddings):
 
     masks = pbs.segment_from_mask(predictor, mask, embeddings, use_mask=False)
     ref_masks, _, _ = _sam(reference, embeddings, box=box_xyxy, multimask_output=False)
-    np.testing.assert_array_equal(masks, ref_masks)
+    _assert_masks_match(masks, ref_masks)
 
     masks, scores, logits = pbs.segment_from_mask(predictor, mask, embeddings, return_all=True)
     ref_masks, ref_scores, ref_logits = _sam(reference, embeddings, box=box_xyxy, mask_input=pbs._mask_to_logits(mask),
                                              multimask_output=False)
-    np.testing.assert_array_equal(masks, ref_masks)
-    np.testing.assert_array_equal(logits, ref_logits)
+    _assert_masks_match(masks, ref_masks)
+    np.testing.assert_allclose(logits, ref_logits, rtol=1e-4, atol=1e-5)
 
     logit_masks = pbs.segment_from_mask(predictor, mask, embeddings, use_mask=False, return_logits=True)
     assert logit_masks.dtype == np.float32
@@ -156,20 +167,20 @@ def test_mask_prompts(predictor, reference, embeddings):
     assert abs(points[0, 0] - 54.5) <= 1 and abs(points[0, 1] - 144.5) <= 1
     ref_masks, _, _ = _sam(reference, embeddings, point_coords=points[:, ::-1], point_labels=labels,
                            multimask_output=False)
-    np.testing.assert_array_equal(masks, ref_masks)
+    _assert_masks_match(masks, ref_masks)
 
     # explicit box and points replace the derived ones
     box, points, labels = np.array([10, 100, 100, 220]), np.array([[50, 150]]), np.array([1])
     masks = pbs.segment_from_mask(predictor, mask, embeddings, use_mask=False, box=box, points=points, labels=labels)
     ref_masks, _, _ = _sam(reference, embeddings, box=np.array([100, 10, 220, 100]), point_coords=points[:, ::-1],
                            point_labels=labels, multimask_output=False)
-    np.testing.assert_array_equal(masks, ref_masks)
+    _assert_masks_match(masks, ref_masks)
 
     # a downsampled mask with original_size is resized to the image first
     small = mask[::2, ::2]
     masks = pbs.segment_from_mask(predictor, small, embeddings, use_mask=False, original_size=SHAPE)
     ref_masks, _, _ = _sam(reference, embeddings, box=box_xyxy, multimask_output=False)
-    np.testing.assert_array_equal(masks, ref_masks)
+    _assert_masks_match(masks, ref_masks)
 
 
 def test_points_from_mask():
@@ -196,20 +207,20 @@ def test_3d_slices(predictor, reference):
         results[i] = pbs.segment_from_points(predictor, points, labels, embeddings, i=i)
         ref_masks, _, _ = _sam(reference, embeddings, i=i, point_coords=points[:, ::-1], point_labels=labels,
                                multimask_output=False)
-        np.testing.assert_array_equal(results[i], ref_masks)
+        _assert_masks_match(results[i], ref_masks)
     assert not np.array_equal(results[0], results[1])
 
     box = np.array([10, 10, 100, 120])
     masks = pbs.segment_from_box(predictor, box, embeddings, i=2)
     ref_masks, _, _ = _sam(reference, embeddings, i=2, box=box[[1, 0, 3, 2]], multimask_output=False)
-    np.testing.assert_array_equal(masks, ref_masks)
+    _assert_masks_match(masks, ref_masks)
 
     mask = np.zeros(SHAPE, bool)
     mask[30:60, 40:90] = True
     masks = pbs.segment_from_mask(predictor, mask, embeddings, i=1)
     ref_masks, _, _ = _sam(reference, embeddings, i=1, box=np.array([40, 30, 90, 60]),
                            mask_input=pbs._mask_to_logits(mask), multimask_output=False)
-    np.testing.assert_array_equal(masks, ref_masks)
+    _assert_masks_match(masks, ref_masks)
 
 
 def test_predictor_state_after_set_image(predictor, reference):
@@ -221,7 +232,7 @@ def test_predictor_state_after_set_image(predictor, reference):
     other = pbs.segment_from_points(predictor, points, labels)
     ref_masks, ref_scores, _ = _sam(reference, _fake_embeddings(SHAPE, seed=6), point_coords=points[:, ::-1],
                                     point_labels=labels, multimask_output=True)
-    np.testing.assert_array_equal(other[0], ref_masks[np.argmax(ref_scores)])
+    _assert_masks_match(other[0], ref_masks[np.argmax(ref_scores)])
     np.testing.assert_array_equal(pbs.segment_from_points(predictor, points, labels, embeddings), first)
 
 
@@ -260,21 +271,21 @@ def test_tiled_routing(predictor, reference, tiled):
     expected, _ = _untiled_on_tile(reference, image, 3, point_coords=points[:, ::-1].astype(float),
                                    point_labels=labels, multimask_output=False)
     assert masks.shape == (1, 160, 200)
-    np.testing.assert_array_equal(masks, expected)
+    _assert_masks_match(masks, expected)
     assert not masks[:, :64].any() and not masks[:, :, :80].any()
 
     # a box centred in tile 1 (top right; outer block rows 0:96, cols 80:200)
     box = np.array([10, 110, 60, 190])
     masks = pbs.segment_from_box(predictor, box, embeddings)
     expected, _ = _untiled_on_tile(reference, image, 1, box=box[[1, 0, 3, 2]], multimask_output=False)
-    np.testing.assert_array_equal(masks, expected)
+    _assert_masks_match(masks, expected)
 
     # a mask centred in tile 2 (bottom left): its box and mask prompt are computed in the tile
     mask = np.zeros(image.shape, bool)
     mask[100:140, 20:60] = True
     masks = pbs.segment_from_mask(predictor, mask, embeddings, use_mask=False)
     expected, _ = _untiled_on_tile(reference, image, 2, box=np.array([20, 100, 60, 140]), multimask_output=False)
-    np.testing.assert_array_equal(masks, expected)
+    _assert_masks_match(masks, expected)
 
 
 def test_tiled_points_outside_the_tile_are_dropped(predictor, tiled):
@@ -365,7 +376,7 @@ def test_vit_t_matches_sam_predictor(vit_t_predictor):
     util.set_precomputed(vit_t_predictor, embeddings)
     ref_masks, ref_scores, _ = vit_t_predictor.predict(point_coords=np.array([[170, 40]]), point_labels=labels,
                                                        multimask_output=True)
-    np.testing.assert_array_equal(masks[0], ref_masks[np.argmax(ref_scores)])
-    np.testing.assert_array_equal(scores, ref_scores)
+    _assert_masks_match(masks[0], ref_masks[np.argmax(ref_scores)])
+    np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-6)
     ref_box, _, _ = vit_t_predictor.predict(box=box[[1, 0, 3, 2]], multimask_output=False)
-    np.testing.assert_array_equal(box_masks, ref_box)
+    _assert_masks_match(box_masks, ref_box)

@@ -61,6 +61,7 @@ def point_prompt_ious(
     """
     import torch
 
+    from ..models.fast_mask_decoder import predict_torch
     from ..util import compute_iou, precompute_image_embeddings, set_precomputed
 
     labels = np.asarray(labels)
@@ -79,7 +80,7 @@ def point_prompt_ious(
         coords = torch.as_tensor(coords, dtype=torch.float32, device=predictor.device)
         point_labels = torch.ones(coords.shape[:2], dtype=torch.int64, device=predictor.device)
         with torch.no_grad():
-            masks, scores, _ = predictor.predict_torch(coords, point_labels, multimask_output=multimask_output)
+            masks, scores, _ = predict_torch(predictor, coords, point_labels, multimask_output=multimask_output)
         best = scores.argmax(dim=1)
         masks = masks[torch.arange(len(batch)), best].cpu().numpy()
         for object_id, mask in zip(batch, masks):

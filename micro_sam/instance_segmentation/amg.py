@@ -7,9 +7,9 @@ by crop borders, box NMS, paint the label image), so that thresholds can be tune
 
 Implementation notes (same results as micro_sam 1.8, several times faster):
 
-- the mask decoder runs on batches of grid points; its low resolution logits are upsampled in chunks
-  with SAM's own ``postprocess_masks`` and reduced right away (stability score, threshold, box), so memory is
-  bounded for large images;
+- the mask decoder (:func:`micro_sam.models.fast_mask_decoder.decode_masks`) runs on batches of grid points;
+  its low resolution logits are upsampled in chunks as SAM's ``postprocess_masks`` does (``upscale_masks``)
+  and reduced right away (stability score, threshold, box), so memory is bounded for large images;
 - each mask is kept as the bit-packed content of its bounding box (no run-length encoding), all per-mask
   quantities live in numpy arrays: filtering and NMS are vectorised, and only surviving masks are decoded.
 
@@ -410,13 +410,16 @@ class AutomaticMaskGenerator(AMGBase):
         """Masks (3 per point) for a batch of (x, y) points in crop coordinates, reduced to a mask table."""
         import torch
 
+        from ..models.fast_mask_decoder import decode_masks, upscale_masks
+
         predictor = self._predictor
         model = predictor.model
         coords = predictor.transform.apply_coords(points, crop_hw)
         in_points = torch.as_tensor(coords, device=predictor.device, dtype=torch.float)[:, None, :]
         in_labels = torch.ones((len(points), 1), dtype=torch.int, device=predictor.device)
         sparse, dense = model.prompt_encoder(points=(in_points, in_labels), boxes=None, masks=None)
-        low_res, iou_preds = model.mask_decoder(
+        low_res, iou_preds = decode_masks(
+            model.mask_decoder,
             image_embeddings=predictor.features,
             image_pe=model.prompt_encoder.get_dense_pe(),
             sparse_prompt_embeddings=sparse,
@@ -433,8 +436,8 @@ class AutomaticMaskGenerator(AMGBase):
         chunk = max(1, (1 << 27) // (4 * max(side * side, h * w)))
         tables = []
         for start in range(0, len(low_res), chunk):
-            logits = model.postprocess_masks(low_res[start:start + chunk], predictor.input_size,
-                                             predictor.original_size)[:, 0]
+            logits = upscale_masks(model, low_res[start:start + chunk], predictor.input_size,
+                                   predictor.original_size)[:, 0]
             stability = store.stability_score(logits, model.mask_threshold, self._stability_score_offset)
             binary = logits > model.mask_threshold
             boxes = store.masks_to_boxes(binary)
