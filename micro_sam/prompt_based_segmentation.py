@@ -19,7 +19,6 @@ are the low resolution (C', 256, 256) mask logits of the (tile's) prediction.
 from __future__ import annotations
 
 import warnings
-import weakref
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -28,7 +27,7 @@ import torch
 
 from . import _tiling
 from ._embeddings import set_precomputed
-from .models.fast_mask_decoder import decode_masks, upscale_masks
+from .models.fast_mask_decoder import decode_masks, dense_pe, upscale_masks
 
 __all__ = ["segment_from_box", "segment_from_box_and_points", "segment_from_mask", "segment_from_points"]
 
@@ -178,24 +177,6 @@ def _set_embeddings(predictor, image_embeddings, i, tile_id=None) -> None:
     predictor._micro_sam_prompt_state = key + (predictor.features,)
 
 
-_DENSE_PE = weakref.WeakKeyDictionary()
-
-
-def _dense_pe(prompt_encoder) -> torch.Tensor:
-    """``prompt_encoder.get_dense_pe()``, cached: it depends only on the (fixed) positional encoding."""
-    layer = getattr(prompt_encoder, "pe_layer", None)
-    matrix = getattr(layer, "positional_encoding_gaussian_matrix", None)
-    if matrix is None:
-        return prompt_encoder.get_dense_pe()
-    key = (matrix.data_ptr(), matrix._version, matrix.device, tuple(prompt_encoder.image_embedding_size))
-    cached = _DENSE_PE.get(prompt_encoder)
-    if cached is None or cached[0] != key:
-        with torch.no_grad():
-            cached = (key, prompt_encoder.get_dense_pe())
-        _DENSE_PE[prompt_encoder] = cached
-    return cached[1]
-
-
 def _predict(predictor, points_xy=None, labels=None, box_xyxy=None, mask_input=None,
              multimask_output=False, return_logits=False, select_best=False):
     """Same computation as ``SamPredictor.predict``; with ``select_best`` only the mask with the highest
@@ -222,7 +203,7 @@ def _predict(predictor, points_xy=None, labels=None, box_xyxy=None, mask_input=N
 
         sparse, dense = model.prompt_encoder(points=point_prompt, boxes=box_prompt, masks=mask_prompt)
         low_res, scores = decode_masks(
-            model.mask_decoder, image_embeddings=predictor.features, image_pe=_dense_pe(model.prompt_encoder),
+            model.mask_decoder, image_embeddings=predictor.features, image_pe=dense_pe(model.prompt_encoder),
             sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=multimask_output,
         )
         chosen = low_res

@@ -354,17 +354,6 @@ def test_inputs_not_modified(predictor, embeddings):
     np.testing.assert_array_equal(embeddings["features"], features)
 
 
-def test_dense_pe_cache_follows_weight_changes():
-    sam = make_tiny_predictor(seed=2).model
-    first = pbs._dense_pe(sam.prompt_encoder)
-    assert pbs._dense_pe(sam.prompt_encoder) is first
-    with torch.no_grad():
-        sam.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix.mul_(2)
-    second = pbs._dense_pe(sam.prompt_encoder)
-    torch.testing.assert_close(second, sam.prompt_encoder.get_dense_pe())
-    assert not torch.equal(first, second)
-
-
 def test_vit_t_matches_sam_predictor(vit_t_predictor):
     """The MobileSAM-compatible vit_t model goes through the same decoder path."""
     embeddings = _fake_embeddings(SHAPE, seed=9)

@@ -410,7 +410,7 @@ class AutomaticMaskGenerator(AMGBase):
         """Masks (3 per point) for a batch of (x, y) points in crop coordinates, reduced to a mask table."""
         import torch
 
-        from ..models.fast_mask_decoder import decode_masks, upscale_masks
+        from ..models.fast_mask_decoder import decode_masks, dense_pe, upscale_masks
 
         predictor = self._predictor
         model = predictor.model
@@ -421,7 +421,7 @@ class AutomaticMaskGenerator(AMGBase):
         low_res, iou_preds = decode_masks(
             model.mask_decoder,
             image_embeddings=predictor.features,
-            image_pe=model.prompt_encoder.get_dense_pe(),
+            image_pe=dense_pe(model.prompt_encoder),
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
             multimask_output=True,

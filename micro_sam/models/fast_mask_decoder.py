@@ -33,12 +33,29 @@ from torch import nn
 
 from .attention import gelu_on_temporary
 
-__all__ = ["decode_masks", "predict_torch", "supports_fast_decoding", "upscale_masks"]
+__all__ = ["decode_masks", "dense_pe", "predict_torch", "supports_fast_decoding", "upscale_masks"]
 
 Tensor = torch.Tensor
 
 # Per decoder: (key, value) of the prompt-independent tensors of the first transformer block.
 _FIRST_BLOCK_CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+# Per prompt encoder: (key, dense positional encoding).
+_DENSE_PE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def dense_pe(prompt_encoder: nn.Module) -> Tensor:
+    """``prompt_encoder.get_dense_pe()`` (1, C, h, w), kept until its Gaussian matrix or grid size changes."""
+    matrix = getattr(getattr(prompt_encoder, "pe_layer", None), "positional_encoding_gaussian_matrix", None)
+    if matrix is None:
+        return prompt_encoder.get_dense_pe()
+    key = (matrix.data_ptr(), _version(matrix), matrix.device, matrix.dtype,
+           tuple(prompt_encoder.image_embedding_size))
+    cached = _DENSE_PE.get(prompt_encoder)
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            cached = (key, prompt_encoder.get_dense_pe())
+        _DENSE_PE[prompt_encoder] = cached
+    return cached[1]
 
 
 def _is_linear(module) -> bool:
@@ -98,8 +115,11 @@ def _token_to_image(attn, tokens: Tensor, keys: Optional[Tensor], values: Option
     scale = 1.0 / math.sqrt(d)
     if projected is not None:
         k, v = (_heads(p, n_heads) for p in projected)  # (H, N, d)
-        weights = torch.softmax((q @ k.transpose(-1, -2)) * scale, dim=-1)  # (B, H, T, N)
-        return attn.out_proj(_merge_heads(weights @ v))
+        b, h, t, d = q.shape
+        per_head = q.transpose(0, 1).reshape(h, b * t, d)  # heads as the batch: k and v are not copied per prompt
+        weights = torch.softmax((per_head @ k.transpose(-1, -2)).mul_(scale), dim=-1)  # (H, B*T, N)
+        out = (weights @ v).reshape(h, b, t, d).transpose(0, 1)  # (B, H, T, d)
+        return attn.out_proj(_merge_heads(out))
     b, h, t, _ = q.shape
     w_k = attn.k_proj.weight.reshape(h, d, -1)  # (H, d, C)
     q_folded = (q @ w_k).reshape(b, h * t, -1)  # (B, H*T, C); the key bias cancels in the softmax
@@ -218,7 +238,8 @@ def _transformer(decoder, tokens: Tensor, src: Tensor, pos: Tensor,
             attn_out = _token_to_image(layer.cross_attn_token_to_image, queries + query_pe, None, None,
                                        projected=(k_proj, v_proj))
         else:
-            attn_out = _token_to_image(layer.cross_attn_token_to_image, queries + query_pe, keys + pos, keys)
+            keys_pe = keys + pos  # used by both cross attentions: keys change only at the end of the block
+            attn_out = _token_to_image(layer.cross_attn_token_to_image, queries + query_pe, keys_pe, keys)
         queries = layer.norm2(queries + attn_out)
         queries = layer.norm3(queries + layer.mlp(queries))
 
@@ -227,7 +248,8 @@ def _transformer(decoder, tokens: Tensor, src: Tensor, pos: Tensor,
             attn_out = _image_to_token(layer.cross_attn_image_to_token, None, q_tokens, queries,
                                        projected_queries=q_image)
         else:
-            attn_out = _image_to_token(layer.cross_attn_image_to_token, keys + pos, q_tokens, queries)
+            attn_out = _image_to_token(layer.cross_attn_image_to_token, keys_pe, q_tokens, queries)
+            del keys_pe
         keys = layer.norm4(attn_out.add_(keys))
     if keys.ndim == 2:  # no blocks at all
         keys = keys.expand(tokens.shape[0], -1, -1)
@@ -306,9 +328,10 @@ def decode_masks(decoder: nn.Module, image_embeddings: Tensor, image_pe: Tensor,
 
 
 # Prompts decoded together: the per-prompt image tensors (prompts x N x C) of a chunk should stay in the CPU
-# caches. For N x C = 4096 x 256 (SAM at 1024), chunks of 4 prompts decoded 64 prompts 1.4x faster than one
-# batch of 64 on a 2-core CPU (and 1.3x faster than chunks of 1 or 8).
-_CHUNK_ELEMENTS = 1 << 22
+# caches, and the largest temporary (the upscaled features, prompts x 16 N x 32) below glibc's 32 MB limit for
+# allocations served by mmap (fresh pages each time). For N x C = 4096 x 256 (SAM at 1024), chunks of 2-4 prompts
+# decoded 64 prompts 1.4x faster than one batch of 64 on a 2-core CPU (and 1.3x faster than single prompts).
+_CHUNK_ELEMENTS = 1 << 21
 
 
 def _prompts_per_chunk(image_embeddings: Tensor) -> int:
@@ -368,7 +391,7 @@ def predict_torch(predictor, point_coords: Optional[Tensor], point_labels: Optio
     with torch.no_grad():
         sparse, dense = model.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
         low_res, iou_predictions = decode_masks(
-            model.mask_decoder, image_embeddings=predictor.features, image_pe=model.prompt_encoder.get_dense_pe(),
+            model.mask_decoder, image_embeddings=predictor.features, image_pe=dense_pe(model.prompt_encoder),
             sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=multimask_output,
         )
         masks = upscale_masks(model, low_res, predictor.input_size, predictor.original_size)

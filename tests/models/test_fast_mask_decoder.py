@@ -155,3 +155,15 @@ def test_upscale_masks_equals_postprocess_masks(sam, input_size, original_size):
         ref = sam.postprocess_masks(low_res, input_size, original_size)
     assert ours.shape == ref.shape == (3, 2) + original_size
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
+
+
+def test_dense_pe_cache_follows_weight_changes():
+    torch.manual_seed(2)
+    model = build_sam_vit_t(image_size=256)
+    first = fmd.dense_pe(model.prompt_encoder)
+    assert fmd.dense_pe(model.prompt_encoder) is first
+    with torch.no_grad():
+        model.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix.mul_(2)
+    second = fmd.dense_pe(model.prompt_encoder)
+    torch.testing.assert_close(second, model.prompt_encoder.get_dense_pe())
+    assert not torch.equal(first, second)
