@@ -1,6 +1,7 @@
 """Building a SamPredictor from the registry or from a checkpoint file; devices; exporting checkpoints."""
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Callable, Optional, Union
 
@@ -85,7 +86,7 @@ def get_sam_model(
     from segment_anything import SamPredictor
 
     from . import _checkpoints
-    from .models.build_sam import sam_model_registry
+    from .models.build_sam import sam_model_registry, skip_weight_init
     from .models.fast_attention import optimize_sam
     from .models.precision import resolve_precision, set_precision
 
@@ -108,9 +109,11 @@ def get_sam_model(
     )
     architecture = _checkpoints.resolve_architecture(model_type, model_state, checkpoint_path)
     image_size = _checkpoints.image_size_of(state, architecture, checkpoint_path)
-    sam = sam_model_registry[architecture](image_size=image_size) if image_size != 1024 else (
-        sam_model_registry[architecture]()
-    )
+    # Every parameter is loaded below (strictly, unless flexible): skip the random initialisation.
+    with contextlib.nullcontext() if flexible_load_checkpoint else skip_weight_init():
+        sam = sam_model_registry[architecture](image_size=image_size) if image_size != 1024 else (
+            sam_model_registry[architecture]()
+        )
     if flexible_load_checkpoint:
         own = sam.state_dict()
         model_state = {k: v for k, v in model_state.items() if k in own and own[k].shape == v.shape}

@@ -9,9 +9,11 @@ the input size (TinyViT's attention biases belong to the windows, the prompt enc
 continuous), so the same state dict runs at another size; a model trained at 512 must be built at 512 to see
 objects at the scale it was trained on. Checkpoints record a non-default size as ``"image_size"``.
 """
+import contextlib
 import numbers
 import os
-from typing import Callable, Dict, Optional, Union
+import threading
+from typing import Callable, Dict, Iterator, Optional, Union
 
 import torch
 from segment_anything.build_sam import build_sam_vit_b as _sa_vit_b
@@ -23,16 +25,57 @@ from .tiny_vit import TinyViT
 
 __all__ = [
     "sam_model_registry", "build_sam_vit_h", "build_sam_vit_l", "build_sam_vit_b", "build_sam_vit_t",
-    "check_image_size",
+    "check_image_size", "skip_weight_init",
 ]
 
 PathLike = Union[str, os.PathLike]
 
 
-def _load_checkpoint(sam: Sam, checkpoint: Optional[PathLike]) -> Sam:
-    if checkpoint is not None:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        sam.load_state_dict(state, strict=True)
+_INIT_FUNCTIONS = (
+    "uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_", "xavier_uniform_",
+    "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_", "sparse_",
+)
+_SKIP_INIT_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def skip_weight_init() -> Iterator[None]:
+    """Build modules without initialising their weights (``torch.nn.init`` functions do nothing), in this thread.
+
+    For models whose every parameter is loaded from a checkpoint right after construction: random initialisation
+    of vit_b's 90M parameters takes about a second on a 2-core CPU (vit_h several), and the result is
+    overwritten. Load such models strictly, so that no parameter keeps the uninitialised memory. Other threads
+    see the normal functions; builds within this context are serialised.
+    """
+    import torch.nn.init as init
+
+    with _SKIP_INIT_LOCK:
+        owner = threading.get_ident()
+        originals = {name: getattr(init, name) for name in _INIT_FUNCTIONS if hasattr(init, name)}
+
+        def skipping(original):
+            def maybe_init(tensor, *args, **kwargs):
+                if threading.get_ident() == owner:
+                    return tensor
+                return original(tensor, *args, **kwargs)
+            return maybe_init
+
+        for name, original in originals.items():
+            setattr(init, name, skipping(original))
+        try:
+            yield
+        finally:
+            for name, original in originals.items():
+                setattr(init, name, original)
+
+
+def _load_checkpoint(build: Callable[[], Sam], checkpoint: Optional[PathLike]) -> Sam:
+    if checkpoint is None:
+        return build()
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    with skip_weight_init():
+        sam = build()
+    sam.load_state_dict(state, strict=True)
     return sam
 
 
@@ -46,33 +89,20 @@ def check_image_size(image_size) -> int:
 
 def build_sam_vit_h(checkpoint: Optional[PathLike] = None) -> Sam:
     """SAM with the ViT-H image encoder (segment_anything's architecture)."""
-    return _load_checkpoint(_sa_vit_h(None), checkpoint)
+    return _load_checkpoint(lambda: _sa_vit_h(None), checkpoint)
 
 
 def build_sam_vit_l(checkpoint: Optional[PathLike] = None) -> Sam:
     """SAM with the ViT-L image encoder (segment_anything's architecture)."""
-    return _load_checkpoint(_sa_vit_l(None), checkpoint)
+    return _load_checkpoint(lambda: _sa_vit_l(None), checkpoint)
 
 
 def build_sam_vit_b(checkpoint: Optional[PathLike] = None) -> Sam:
     """SAM with the ViT-B image encoder (segment_anything's architecture)."""
-    return _load_checkpoint(_sa_vit_b(None), checkpoint)
+    return _load_checkpoint(lambda: _sa_vit_b(None), checkpoint)
 
 
-def build_sam_vit_t(checkpoint: Optional[PathLike] = None, image_size: int = 1024) -> Sam:
-    """SAM with the TinyViT image encoder of MobileSAM (``vit_t``), for square inputs of ``image_size``.
-
-    With the default size 1024 the image embedding has shape ``(B, 256, 64, 64)``, in general
-    ``(B, 256, image_size / 16, image_size / 16)``; prompt encoder and mask decoder are SAM's.
-
-    Args:
-        checkpoint: Optional path to a state dict of the full model to load.
-        image_size: Side length of the encoder input, a multiple of 64 of at least 256 (1024 for MobileSAM).
-
-    Returns:
-        The model, in training mode as built by ``torch.nn.Module``.
-    """
-    image_size = check_image_size(image_size)
+def _build_vit_t(image_size: int) -> Sam:
     prompt_embed_dim = 256
     embedding_size = image_size // 16
     encoder = TinyViT(
@@ -109,7 +139,24 @@ def build_sam_vit_t(checkpoint: Optional[PathLike] = None, image_size: int = 102
         pixel_mean=[123.675, 116.28, 103.53],
         pixel_std=[58.395, 57.12, 57.375],
     )
-    return _load_checkpoint(sam, checkpoint)
+    return sam
+
+
+def build_sam_vit_t(checkpoint: Optional[PathLike] = None, image_size: int = 1024) -> Sam:
+    """SAM with the TinyViT image encoder of MobileSAM (``vit_t``), for square inputs of ``image_size``.
+
+    With the default size 1024 the image embedding has shape ``(B, 256, 64, 64)``, in general
+    ``(B, 256, image_size / 16, image_size / 16)``; prompt encoder and mask decoder are SAM's.
+
+    Args:
+        checkpoint: Optional path to a state dict of the full model to load.
+        image_size: Side length of the encoder input, a multiple of 64 of at least 256 (1024 for MobileSAM).
+
+    Returns:
+        The model, in training mode as built by ``torch.nn.Module``.
+    """
+    image_size = check_image_size(image_size)
+    return _load_checkpoint(lambda: _build_vit_t(image_size), checkpoint)
 
 
 #: Model builders by encoder name; ``"default"`` is ``vit_h`` as in segment_anything.

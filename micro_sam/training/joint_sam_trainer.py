@@ -111,6 +111,11 @@ class JointSamTrainer(SamTrainer):
     def _decoder_state(self) -> "OrderedDict[str, torch.Tensor]":
         return OrderedDict((k, v) for k, v in self.unetr.state_dict().items() if not k.startswith("encoder"))
 
+    _DERIVED_CHECKPOINT_KEYS = frozenset({"decoder_state"})
+
+    def _checkpoint_tensors(self):
+        return super()._checkpoint_tensors() + list(self.unetr.parameters()) + list(self.unetr.buffers())
+
     def save_checkpoint(self, name, current_metric, best_metric, **extra_save_dict):
         super().save_checkpoint(name, current_metric=current_metric, best_metric=best_metric,
                                 decoder_state=self._decoder_state(), **extra_save_dict)

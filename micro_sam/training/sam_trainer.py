@@ -45,6 +45,16 @@ from torch_em.trainer.logger_base import TorchEmLogger
 __all__ = ["CheckpointMixin", "SamTrainer", "SamLogger", "plain_metadata"]
 
 
+def _link_or_copy(source: str, target: str) -> None:
+    """Make ``target`` a hard link to ``source``, or a copy where the file system has no hard links."""
+    import shutil
+
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
 #
 # Checkpoint metadata that a weights-only loader can read
 #
@@ -173,12 +183,46 @@ class CheckpointMixin:
         os.makedirs(self.checkpoint_folder, exist_ok=True)
         path = os.path.join(self.checkpoint_folder, f"{name}.pt")
         tmp_path = f"{path}.tmp-{os.getpid()}"
+        # torch_em saves "best" and then "latest" with the same state after an improved epoch: write it once
+        # and link the second name to the same file (a later save replaces the name, not the shared file).
+        content_key = self._checkpoint_content_key(save_dict, extra_save_dict)
+        previous = getattr(self, "_last_checkpoint", None)
         try:
-            torch.save(save_dict, tmp_path)
+            if previous is not None and previous[0] == content_key and os.path.isfile(previous[1]):
+                _link_or_copy(previous[1], tmp_path)
+            else:
+                torch.save(save_dict, tmp_path)
             os.replace(tmp_path, path)
         finally:
             if os.path.exists(tmp_path):
                 os.remove(tmp_path)
+        self._last_checkpoint = (content_key, path)
+
+    # Extra checkpoint entries that are computed from the tensors of _checkpoint_tensors (e.g. a decoder state).
+    _DERIVED_CHECKPOINT_KEYS = frozenset()
+
+    def _checkpoint_tensors(self) -> List[torch.Tensor]:
+        """The tensors whose values make up a checkpoint: model parameters and buffers, optimizer state."""
+        tensors = list(self.model.parameters()) + list(self.model.buffers())
+        for group in self.optimizer.param_groups:
+            tensors.extend(group["params"])
+        for state in self.optimizer.state.values():
+            tensors.extend(value for value in state.values() if torch.is_tensor(value))
+        return tensors
+
+    def _checkpoint_content_key(self, save_dict: Dict[str, Any], extra_save_dict: Dict[str, Any]):
+        """What identifies a checkpoint's content: counters, metrics and the in-place version of each tensor of
+        :meth:`_checkpoint_tensors` (bumped by every optimizer step, load or running-statistics update).
+        None (never reuse) with other extra content."""
+        if set(extra_save_dict) - self._DERIVED_CHECKPOINT_KEYS:
+            return None
+        try:
+            versions = tuple((id(t), t._version) for t in self._checkpoint_tensors())
+        except RuntimeError:  # inference tensors have no version counter
+            return None
+        scalars = tuple(save_dict[k] for k in ("iteration", "epoch", "best_epoch", "best_metric",
+                                               "current_metric", "train_time"))
+        return scalars, versions
 
     def _checkpoint_path(self, checkpoint: str) -> str:
         if os.path.isfile(checkpoint):

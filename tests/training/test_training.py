@@ -144,6 +144,31 @@ def test_checkpoints_resume_and_reload(tmp_path, small_models):
     assert set(model_state) == set(sam.state_dict()) and decoder_state is state["decoder_state"]
 
 
+def test_best_and_latest_of_one_epoch_are_written_once(tmp_path, small_models):
+    import os
+
+    from micro_sam._checkpoints import safe_load
+
+    train_loader, val_loader, _ = _loaders(True, n_train=2, n_val=1, shape=(64, 64))
+    kwargs = dict(n_objects_per_batch=2, device="cpu", n_sub_iteration=1, save_root=str(tmp_path),
+                  verify_n_labels_in_loader=1, with_segmentation_decoder=True)
+    folder = tmp_path / "checkpoints" / "once"
+    train_sam("once", "vit_b", train_loader, val_loader, n_iterations=1, **kwargs)
+    best, latest = folder / "best.pt", folder / "latest.pt"
+    assert os.path.samefile(best, latest)  # the first epoch is the best one: the same file under both names
+    first = safe_load(latest)
+    assert first["iteration"] == 1 and "decoder_state" in first
+    train_sam("once", "vit_b", train_loader, val_loader, n_iterations=1, load_from_checkpoint="latest", **kwargs)
+    assert safe_load(latest)["iteration"] == 2
+    best_state = safe_load(best)
+    if best_state["iteration"] == 1:  # not improved: the new latest replaced the name only
+        assert not os.path.samefile(best, latest)
+        for key, value in first["model_state"].items():
+            assert torch.equal(best_state["model_state"][key], value)
+    else:
+        assert os.path.samefile(best, latest)
+
+
 def test_resume_with_another_architecture_fails(tmp_path, small_models):
     train_loader, val_loader, _ = _loaders(False, n_train=2, n_val=1, shape=(64, 64))
     kwargs = dict(n_objects_per_batch=2, device="cpu", n_sub_iteration=1, save_root=str(tmp_path),
