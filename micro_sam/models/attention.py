@@ -9,9 +9,10 @@
 
 Caches are only used when no gradient is needed, so training sees differentiable values.
 """
-import itertools
+import functools
 from typing import Callable, Hashable, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -180,15 +181,22 @@ def relative_offset_index(resolution: Tuple[int, int]) -> Tuple[torch.Tensor, in
     Returns:
         A long tensor of shape ``(N, N)`` with ``N = height * width`` and the number of distinct offsets.
     """
-    points = list(itertools.product(range(resolution[0]), range(resolution[1])))
-    offset_ids = {}
-    idxs = []
-    for p1 in points:
-        for p2 in points:
-            offset = (abs(p1[0] - p2[0]), abs(p1[1] - p2[1]))
-            idxs.append(offset_ids.setdefault(offset, len(offset_ids)))
-    n = len(points)
-    return torch.tensor(idxs, dtype=torch.long).view(n, n), len(offset_ids)
+    idxs, n_offsets = _relative_offset_index(tuple(int(r) for r in resolution))
+    return torch.from_numpy(idxs.copy()), n_offsets
+
+
+@functools.lru_cache(maxsize=None)
+def _relative_offset_index(resolution: Tuple[int, int]) -> Tuple[np.ndarray, int]:
+    rows, cols = np.divmod(np.arange(resolution[0] * resolution[1]), resolution[1])
+    code = np.abs(rows[:, None] - rows[None, :]) * resolution[1] + np.abs(cols[:, None] - cols[None, :])
+    codes, first = np.unique(code.ravel(), return_index=True)
+    rank = np.empty(len(codes), dtype=np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(codes))  # numbered by first appearance
+    lookup = np.zeros(int(codes.max()) + 1, dtype=np.int64)
+    lookup[codes] = rank
+    idxs = lookup[code]
+    idxs.setflags(write=False)
+    return idxs, len(codes)
 
 
 class Attention(nn.Module):
