@@ -27,7 +27,7 @@ import torch
 
 from . import _tiling
 from ._embeddings import set_precomputed
-from .models.fast_mask_decoder import decode_masks, dense_pe, upscale_masks
+from .models.fast_mask_decoder import decode_prompts, upscale_masks
 
 __all__ = ["segment_from_box", "segment_from_box_and_points", "segment_from_mask", "segment_from_points"]
 
@@ -201,11 +201,8 @@ def _predict(predictor, points_xy=None, labels=None, box_xyxy=None, mask_input=N
         if mask_input is not None:
             mask_prompt = torch.as_tensor(mask_input, dtype=torch.float, device=device)[None]
 
-        sparse, dense = model.prompt_encoder(points=point_prompt, boxes=box_prompt, masks=mask_prompt)
-        low_res, scores = decode_masks(
-            model.mask_decoder, image_embeddings=predictor.features, image_pe=dense_pe(model.prompt_encoder),
-            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=multimask_output,
-        )
+        low_res, scores = decode_prompts(model, predictor.features, point_prompt, box_prompt, mask_prompt,
+                                         multimask_output)
         chosen = low_res
         if select_best:
             best = int(torch.argmax(scores[0]))

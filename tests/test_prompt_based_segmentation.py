@@ -1,7 +1,6 @@
 """Prompt-based segmentation: known answers from segment_anything's own SamPredictor on the same weights."""
 import numpy as np
 import pytest
-import torch
 
 from micro_sam import prompt_based_segmentation as pbs
 from micro_sam import util

@@ -7,7 +7,7 @@ by crop borders, box NMS, paint the label image), so that thresholds can be tune
 
 Implementation notes (same results as micro_sam 1.8, several times faster):
 
-- the mask decoder (:func:`micro_sam.models.fast_mask_decoder.decode_masks`) runs on batches of grid points;
+- the mask decoder (:func:`micro_sam.models.fast_mask_decoder.decode_prompts`) runs on batches of grid points;
   its low resolution logits are upsampled in chunks as SAM's ``postprocess_masks`` does (``upscale_masks``)
   and reduced right away (stability score, threshold, box), so memory is bounded for large images;
 - each mask is kept as the bit-packed content of its bounding box (no run-length encoding), all per-mask
@@ -410,22 +410,14 @@ class AutomaticMaskGenerator(AMGBase):
         """Masks (3 per point) for a batch of (x, y) points in crop coordinates, reduced to a mask table."""
         import torch
 
-        from ..models.fast_mask_decoder import decode_masks, dense_pe, upscale_masks
+        from ..models.fast_mask_decoder import decode_prompts, upscale_masks
 
         predictor = self._predictor
         model = predictor.model
         coords = predictor.transform.apply_coords(points, crop_hw)
         in_points = torch.as_tensor(coords, device=predictor.device, dtype=torch.float)[:, None, :]
         in_labels = torch.ones((len(points), 1), dtype=torch.int, device=predictor.device)
-        sparse, dense = model.prompt_encoder(points=(in_points, in_labels), boxes=None, masks=None)
-        low_res, iou_preds = decode_masks(
-            model.mask_decoder,
-            image_embeddings=predictor.features,
-            image_pe=dense_pe(model.prompt_encoder),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=True,
-        )
+        low_res, iou_preds = decode_prompts(model, predictor.features, (in_points, in_labels), multimask_output=True)
         n_out = low_res.shape[1]
         low_res = low_res.flatten(0, 1)[:, None]
         iou_preds = iou_preds.flatten(0, 1)

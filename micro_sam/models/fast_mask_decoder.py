@@ -33,7 +33,7 @@ from torch import nn
 
 from .attention import gelu_on_temporary
 
-__all__ = ["decode_masks", "dense_pe", "predict_torch", "supports_fast_decoding", "upscale_masks"]
+__all__ = ["decode_masks", "decode_prompts", "dense_pe", "predict_torch", "supports_fast_decoding", "upscale_masks"]
 
 Tensor = torch.Tensor
 
@@ -111,16 +111,14 @@ def _token_to_image(attn, tokens: Tensor, keys: Optional[Tensor], values: Option
     """
     n_heads = attn.num_heads
     q = _heads(attn.q_proj(tokens), n_heads)  # (B, H, T, d)
-    d = q.shape[-1]
+    b, h, t, d = q.shape
     scale = 1.0 / math.sqrt(d)
     if projected is not None:
         k, v = (_heads(p, n_heads) for p in projected)  # (H, N, d)
-        b, h, t, d = q.shape
         per_head = q.transpose(0, 1).reshape(h, b * t, d)  # heads as the batch: k and v are not copied per prompt
         weights = torch.softmax((per_head @ k.transpose(-1, -2)).mul_(scale), dim=-1)  # (H, B*T, N)
         out = (weights @ v).reshape(h, b, t, d).transpose(0, 1)  # (B, H, T, d)
         return attn.out_proj(_merge_heads(out))
-    b, h, t, _ = q.shape
     w_k = attn.k_proj.weight.reshape(h, d, -1)  # (H, d, C)
     q_folded = (q @ w_k).reshape(b, h * t, -1)  # (B, H*T, C); the key bias cancels in the softmax
     weights = torch.softmax((q_folded @ keys.transpose(-1, -2)) * scale, dim=-1)  # (B, H*T, N)
@@ -251,8 +249,6 @@ def _transformer(decoder, tokens: Tensor, src: Tensor, pos: Tensor,
             attn_out = _image_to_token(layer.cross_attn_image_to_token, keys_pe, q_tokens, queries)
             del keys_pe
         keys = layer.norm4(attn_out.add_(keys))
-    if keys.ndim == 2:  # no blocks at all
-        keys = keys.expand(tokens.shape[0], -1, -1)
     attn_out = _token_to_image(transformer.final_attn_token_to_image, queries + query_pe, keys + pos, keys)
     queries = transformer.norm_final_attn(queries + attn_out)
     return queries, keys
@@ -359,6 +355,30 @@ def _decode(decoder, image_embeddings: Tensor, image_pe: Tensor, sparse: Tensor,
     iou_pred = decoder.iou_prediction_head(hs[:, 0, :])
     return masks, iou_pred[:, mask_ids.start:mask_ids.stop]
 
+
+def decode_prompts(model: nn.Module, image_embeddings: Tensor, points: Optional[Tuple[Tensor, Tensor]] = None,
+                   boxes: Optional[Tensor] = None, masks: Optional[Tensor] = None,
+                   multimask_output: bool = False) -> Tuple[Tensor, Tensor]:
+    """Prompt encoder and :func:`decode_masks` of a SAM ``model`` for B prompts on one image.
+
+    Args:
+        model: The SAM model.
+        image_embeddings: (1, C, h, w) embedding of the image.
+        points: (coordinates (B, P, 2) as (x, y), labels (B, P)) in the model's input frame, or None.
+        boxes: (B, 4) boxes (x0, y0, x1, y1) in the input frame, or None.
+        masks: (B, 1, 4h, 4w) low resolution mask logits, or None.
+        multimask_output: Three masks per prompt instead of one.
+
+    Returns:
+        Low resolution mask logits (B, M, 4h, 4w) and predicted IoUs (B, M).
+    """
+    sparse, dense = model.prompt_encoder(points=points, boxes=boxes, masks=masks)
+    return decode_masks(
+        model.mask_decoder, image_embeddings=image_embeddings, image_pe=dense_pe(model.prompt_encoder),
+        sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=multimask_output,
+    )
+
+
 def predict_torch(predictor, point_coords: Optional[Tensor], point_labels: Optional[Tensor],
                   boxes: Optional[Tensor] = None, mask_input: Optional[Tensor] = None,
                   multimask_output: bool = True, return_logits: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
@@ -389,11 +409,8 @@ def predict_torch(predictor, point_coords: Optional[Tensor], point_labels: Optio
     model = predictor.model
     points = (point_coords, point_labels) if point_coords is not None else None
     with torch.no_grad():
-        sparse, dense = model.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
-        low_res, iou_predictions = decode_masks(
-            model.mask_decoder, image_embeddings=predictor.features, image_pe=dense_pe(model.prompt_encoder),
-            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=multimask_output,
-        )
+        low_res, iou_predictions = decode_prompts(model, predictor.features, points, boxes, mask_input,
+                                                  multimask_output)
         masks = upscale_masks(model, low_res, predictor.input_size, predictor.original_size)
         if not return_logits:
             masks = masks > model.mask_threshold
