@@ -19,8 +19,9 @@ two-way transformer on all ``N = h * w`` image positions of every copy (about 1.
   and only the final masks (``M`` channels instead of 32) are rearranged into image order.
 
 The results equal the original up to float rounding (``tests/models/test_fast_mask_decoder.py`` compares
-logits and IoU predictions). Anything the fast path does not recognise (other layer types, e.g. LoRA
-wrappers, batched image embeddings, gradients) runs the module's own ``forward``.
+logits and IoU predictions, and under autograd the gradients). Training uses it too: without the cache, with
+out-of-place operations where autograd needs the inputs. Anything the fast path does not recognise (other
+layer types, e.g. LoRA wrappers, or batched image embeddings) runs the module's own ``forward``.
 """
 import functools
 import math
@@ -125,11 +126,16 @@ def _token_to_image(attn, tokens: Tensor, keys: Optional[Tensor], values: Option
     context = (weights @ values).reshape(b, h, t, -1)  # (B, H, T, C)
     w_v = attn.v_proj.weight.reshape(h, d, -1)  # (H, d, C)
     out = context @ w_v.transpose(-1, -2) + attn.v_proj.bias.reshape(h, 1, d)  # (B, H, T, d)
+    if attn.k_proj.bias is not None and attn.k_proj.bias.requires_grad and torch.is_grad_enabled():
+        out = out + 0.0 * attn.k_proj.bias.sum()  # its gradient is zero, as in the module, not None
     return attn.out_proj(_merge_heads(out))
 
 
 def _softmax_small(x: Tensor) -> Tensor:
-    """Softmax over a short last dimension (a few tokens), in place; faster than ``torch.softmax`` there."""
+    """Softmax over a short last dimension (a few tokens), in place; faster than ``torch.softmax`` there.
+    Out of place (``torch.softmax``) when autograd tracks ``x``."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return torch.softmax(x, dim=-1)
     x = x.sub_(x.amax(dim=-1, keepdim=True)).exp_()
     return x.div_(x.sum(dim=-1, keepdim=True))
 
@@ -190,12 +196,14 @@ def _dense_key(dense: Tensor) -> Tensor:
     return first[:, 0, 0] if first.stride(1) == 0 and first.stride(2) == 0 else first
 
 
-def _first_block(decoder, image_embeddings: Tensor, dense: Tensor, image_pe: Tensor):
+def _first_block(decoder, image_embeddings: Tensor, dense: Tensor, image_pe: Tensor, cache: bool = True):
     """Image side of the first block, shared by all prompts without mask input: ``src`` and ``pos`` as (N, C)
     and the projections (k, v) of the token-to-image and q of the image-to-token attention, each (N, Ci).
-    Reused while embeddings, dense embedding, positional encoding and weights are unchanged."""
+    With ``cache``, reused while embeddings, dense embedding, positional encoding and weights are unchanged."""
     layer = decoder.transformer.layers[0]
     t2i, i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
+    if not cache:
+        return _first_block_tensors(t2i, i2t, image_embeddings, dense, image_pe)
     params = (t2i.k_proj.weight, t2i.k_proj.bias, t2i.v_proj.weight, t2i.v_proj.bias,
               i2t.q_proj.weight, i2t.q_proj.bias)
     param_key = tuple((p.data_ptr(), _version(p), p.dtype, p.device) for p in params)
@@ -204,14 +212,18 @@ def _first_block(decoder, image_embeddings: Tensor, dense: Tensor, image_pe: Ten
     if entry is not None and entry[0] == param_key and all(
             same.matches(t) for same, t in zip(entry[1], (image_embeddings, dense_key, image_pe))):
         return entry[2]
+    value = _first_block_tensors(t2i, i2t, image_embeddings, dense, image_pe)
+    _FIRST_BLOCK_CACHE[decoder] = (param_key, tuple(_Same(t) for t in (image_embeddings, dense_key, image_pe)),
+                                   value)
+    return value
+
+
+def _first_block_tensors(t2i, i2t, image_embeddings: Tensor, dense: Tensor, image_pe: Tensor):
     c = image_embeddings.shape[1]
     src = (image_embeddings[0] + dense[0]).reshape(c, -1).t().contiguous()
     pos = image_pe[0].reshape(c, -1).t().contiguous()
     with_pe = src + pos
-    value = (src, pos, t2i.k_proj(with_pe), t2i.v_proj(src), i2t.q_proj(with_pe))
-    _FIRST_BLOCK_CACHE[decoder] = (param_key, tuple(_Same(t) for t in (image_embeddings, dense_key, image_pe)),
-                                   value)
-    return value
+    return src, pos, t2i.k_proj(with_pe), t2i.v_proj(src), i2t.q_proj(with_pe)
 
 
 # --- the decoder ---------------------------------------------------------------------------------------
@@ -284,7 +296,7 @@ def _masks(decoder, image: Tensor, hyper: Tensor, hw: Tuple[int, int]) -> Tensor
 
 def decode_masks(decoder: nn.Module, image_embeddings: Tensor, image_pe: Tensor, sparse_prompt_embeddings: Tensor,
                  dense_prompt_embeddings: Tensor, multimask_output: bool) -> Tuple[Tensor, Tensor]:
-    """``decoder(...)`` (segment_anything's ``MaskDecoder.forward``) computed with less work, for inference.
+    """``decoder(...)`` (segment_anything's ``MaskDecoder.forward``) computed with less work.
 
     Args:
         decoder: The mask decoder (``sam.mask_decoder``).
@@ -297,17 +309,21 @@ def decode_masks(decoder: nn.Module, image_embeddings: Tensor, image_pe: Tensor,
 
     Returns:
         Low resolution mask logits (B, M, 4h, 4w) and predicted IoUs (B, M), M = 3 or 1; equal to the module's
-        output up to float rounding. Falls back to ``decoder(...)`` when gradients are needed or the layout is
+        output up to float rounding (with autograd: differentiable, gradients equal up to rounding, nothing cached).
+        Falls back to ``decoder(...)`` for batched image embeddings or when the layout is
         not segment_anything's.
     """
     args = (image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, multimask_output)
     if not supports_fast_decoding(decoder) or not all(torch.is_tensor(t) for t in args[:4]):
         return decoder(*args)
+    if image_embeddings.shape[0] != 1 or image_pe.shape[0] != 1:
+        return decoder(*args)
     needs_grad = torch.is_grad_enabled() and (
         any(p.requires_grad for p in decoder.parameters()) or any(t.requires_grad for t in args[:4])
     )
-    if needs_grad or image_embeddings.shape[0] != 1 or image_pe.shape[0] != 1:
-        return decoder(*args)
+    if needs_grad:  # training: the same arithmetic under autograd, nothing cached, all prompts at once
+        return _decode(decoder, image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings,
+                       multimask_output, autograd=True)
 
     b, chunk = sparse_prompt_embeddings.shape[0], _prompts_per_chunk(image_embeddings)
     with torch.no_grad():
@@ -337,23 +353,30 @@ def _prompts_per_chunk(image_embeddings: Tensor) -> int:
 
 
 def _decode(decoder, image_embeddings: Tensor, image_pe: Tensor, sparse: Tensor, dense: Tensor,
-            multimask_output: bool) -> Tuple[Tensor, Tensor]:
+            multimask_output: bool, autograd: bool = False) -> Tuple[Tensor, Tensor]:
+    """The fast decoder on one chunk of prompts; ``autograd``: for training (no cache, every mask computed)."""
     output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
     b = sparse.shape[0]
     tokens = torch.cat((output_tokens.unsqueeze(0).expand(b, -1, -1), sparse), dim=1)
     _, c, h, w = image_embeddings.shape
     if (b == 1 or dense.shape[0] == 1 or dense.stride(0) == 0) and len(decoder.transformer.layers) > 0:
-        src, pos, *first_block = _first_block(decoder, image_embeddings, dense, image_pe)
+        src, pos, *first_block = _first_block(decoder, image_embeddings, dense, image_pe, cache=not autograd)
     else:
         src = (image_embeddings + dense).flatten(2).transpose(1, 2)  # (B, N, C)
         pos, first_block = image_pe[0].reshape(c, h * w).t().contiguous(), None
     hs, image = _transformer(decoder, tokens, src, pos, first_block)
 
-    mask_ids = range(1, decoder.num_mask_tokens) if multimask_output else range(0, 1)
-    hyper = torch.stack([decoder.output_hypernetworks_mlps[i](hs[:, 1 + i, :]) for i in mask_ids], dim=1)
+    selected = slice(1, decoder.num_mask_tokens) if multimask_output else slice(0, 1)
+    # Under autograd all masks are computed, as in the module, so that the unused hypernetworks get zero
+    # gradients rather than none (optimizers treat the two differently).
+    computed = slice(0, decoder.num_mask_tokens) if autograd else selected
+    hyper = torch.stack([decoder.output_hypernetworks_mlps[i](hs[:, 1 + i, :])
+                         for i in range(computed.start, computed.stop)], dim=1)
     masks = _masks(decoder, image, hyper, (h, w))
+    if computed != selected:
+        masks = masks[:, selected]
     iou_pred = decoder.iou_prediction_head(hs[:, 0, :])
-    return masks, iou_pred[:, mask_ids.start:mask_ids.stop]
+    return masks, iou_pred[:, selected]
 
 
 def decode_prompts(model: nn.Module, image_embeddings: Tensor, points: Optional[Tuple[Tensor, Tensor]] = None,

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.fast_mask_decoder import decode_masks
+
 __all__ = ["TrainableSAM"]
 
 
@@ -116,7 +118,8 @@ class TrainableSAM(nn.Module):
             masks = None if masks is None else masks.to(self.device, non_blocking=True)
 
             sparse, dense = self.sam.prompt_encoder(points=points, boxes=boxes, masks=masks)
-            low_res_masks, iou_predictions = self.sam.mask_decoder(
+            low_res_masks, iou_predictions = decode_masks(  # = self.sam.mask_decoder(...), with less arithmetic
+                self.sam.mask_decoder,
                 image_embeddings=embedding.unsqueeze(0),
                 image_pe=dense_pe,
                 sparse_prompt_embeddings=sparse,

@@ -88,16 +88,39 @@ def test_cache_follows_embeddings_and_weights(sam):
         check(inference_features)
 
 
-def test_gradients_fall_back_to_the_module():
+def _grads(decode, model, features, pe, sparse, dense, multimask, seed):
+    """Gradients of a random linear function of both outputs w.r.t. every decoder weight and every input."""
+    inputs = [t.detach().clone().requires_grad_(True) for t in (features, sparse, dense)]
+    model.zero_grad(set_to_none=True)
+    masks, iou = decode(model.mask_decoder, inputs[0], pe, inputs[1], inputs[2], multimask)
+    g = torch.Generator().manual_seed(seed)
+    loss = (masks * torch.randn(masks.shape, generator=g)).sum() + (iou * torch.randn(iou.shape, generator=g)).sum()
+    loss.backward()
+    grads = {name: p.grad for name, p in model.mask_decoder.named_parameters()}
+    grads.update(features=inputs[0].grad, sparse=inputs[1].grad, dense=inputs[2].grad)
+    return (masks.detach(), iou.detach()), grads
+
+
+@pytest.mark.parametrize("multimask,masks", [(True, False), (False, True)])
+def test_gradients_equal_the_modules(multimask, masks):
+    """Training runs the fast path under autograd: outputs and gradients (of the weights, the embedding and the
+    prompt embeddings) equal the module's; the key bias, which cancels in the softmax, gets a zero gradient."""
     torch.manual_seed(1)
     model = build_sam_vit_t(image_size=256)
-    sparse, dense = _prompts(model, 2, seed=0)
-    features = _features(model, 0)
-    pe = model.prompt_encoder.get_dense_pe()
-    masks, iou = fmd.decode_masks(model.mask_decoder, features, pe, sparse, dense, True)
-    assert masks.requires_grad
-    (masks.sum() + iou.sum()).backward()
-    assert model.mask_decoder.iou_token.weight.grad is not None
+    sparse, dense = _prompts(model, 3, seed=0, masks=masks)
+    features, pe = _features(model, 0), model.prompt_encoder.get_dense_pe()
+    ours, grads = _grads(fmd.decode_masks, model, features, pe, sparse, dense, multimask, seed=4)
+    assert ours[0].requires_grad is False and not fmd._FIRST_BLOCK_CACHE.get(model.mask_decoder)
+    ref, ref_grads = _grads(lambda dec, *a: dec(*a), model, features, pe, sparse, dense, multimask, seed=4)
+    _compare(ours, ref)
+    assert set(grads) == set(ref_grads)
+    for name, ref_grad in ref_grads.items():
+        if ref_grad is None:  # unused by this output (e.g. the multimask tokens for a single mask)
+            assert grads[name] is None or not grads[name].any(), name
+            continue
+        assert grads[name] is not None, name
+        scale = float(ref_grad.abs().max())
+        torch.testing.assert_close(grads[name], ref_grad, rtol=0, atol=1e-4 * scale + 1e-6, msg=name)
 
 
 def test_unknown_layouts_fall_back():
