@@ -212,6 +212,26 @@ def _ais_row(ctx):
     return run, run
 
 
+def _tiled_ais_row(ctx):
+    InstanceSegmentationWithDecoder, TiledInstanceSegmentationWithDecoder, get_predictor_and_decoder = _require(
+        "micro_sam.instance_segmentation", "InstanceSegmentationWithDecoder",
+        "TiledInstanceSegmentationWithDecoder", "get_predictor_and_decoder",
+    )
+    predictor, decoder = get_predictor_and_decoder("vit_t", ctx.checkpoint("vit_t_ais"), device="cpu")
+    image, small = _image(TILED_SHAPE), _image(PROMPT_IMAGE_SHAPE)
+
+    def warmup():
+        ais = InstanceSegmentationWithDecoder(predictor, decoder)
+        ais.initialize(small)
+        ais.generate()
+
+    def measure():  # embeddings computed tile by tile in memory, as a user without an embedding path does
+        ais = TiledInstanceSegmentationWithDecoder(predictor, decoder)
+        ais.initialize(image, tile_shape=TILE_SHAPE, halo=HALO, verbose=False)
+        return ais.generate()
+    return warmup, measure
+
+
 def _segment_3d_row(ctx):
     segment_mask_in_volume = _require("micro_sam.multi_dimensional_segmentation", "segment_mask_in_volume")
     import numpy as np
@@ -276,6 +296,7 @@ ROWS = [
         _amg_row),
     Row("ais", "AIS initialize + generate, 512x512, vit_t", _ais_row),
     Row("tiled_4096", "tiled embeddings 4096x4096 (16 tiles), vit_t, zarr", _tiled_row),
+    Row("tiled_ais_4096", "tiled embeddings + AIS 4096x4096 (16 tiles), vit_t, in memory", _tiled_ais_row),
     Row("embed_3d_16", "embeddings of a 16x512x512 stack, vit_t", _volume_row),
     Row("segment_3d_16", "segment_mask_in_volume over 16 slices", _segment_3d_row),
     Row("train_iteration", "train_sam vit_t: 1 iteration + 1 validation sample", _training_row),
@@ -292,14 +313,22 @@ def _reset_peak_memory() -> bool:
         return False
 
 
-def _peak_memory_mb() -> Optional[float]:
+def _status_mb(field: str) -> Optional[float]:
+    """A memory field of /proc/self/status (``VmHWM``: peak resident set, ``VmRSS``: current) in MB."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
+    return None
+
+
+def _peak_memory_mb() -> Optional[float]:
+    peak = _status_mb("VmHWM")
+    if peak is not None:
+        return peak
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -309,12 +338,16 @@ def run_row(name: str, workdir: str) -> dict:
     """Run one row in this interpreter; a dict with status, seconds, peak_mb and the micro_sam used."""
     row = ROWS_BY_NAME[name]
     ctx = Context(workdir)
-    result = {"row": name, "status": "ok", "seconds": None, "peak_mb": None}
+    result = {"row": name, "status": "ok", "seconds": None, "peak_mb": None, "start_mb": None}
     try:
         warmup, measure = row.prepare(ctx)
         if warmup is not None:
             warmup()
-        _reset_peak_memory()
+        import gc
+
+        gc.collect()
+        if _reset_peak_memory():  # the peak of the measured call alone; start_mb: resident before it
+            result["start_mb"] = _status_mb("VmRSS")
         start = time.perf_counter()
         measure()
         result["seconds"] = (time.perf_counter() - start) / row.per

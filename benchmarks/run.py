@@ -123,6 +123,17 @@ def _fmt(seconds):
     return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.2f} s"
 
 
+def _peak_cell(results) -> str:
+    """Largest peak resident memory of the measured calls, and (+N) the largest rise above the resident memory
+    just before the call (what the call itself allocated; the rest is the interpreter, libraries and model)."""
+    measured = [r for r in results if r.get("peak_mb")]
+    if not measured:
+        return "-"
+    cell = f"{max(r['peak_mb'] for r in measured):.0f}"
+    rises = [r["peak_mb"] - r["start_mb"] for r in measured if r.get("start_mb") is not None]
+    return cell + (f" (+{max(rises):.0f})" if rises else "")
+
+
 def _print_table(rows, results, reference: bool):
     import _rows
 
@@ -133,8 +144,7 @@ def _print_table(rows, results, reference: bool):
         own_med, notes = _median(own), []
         cells = [name, _rows.ROWS_BY_NAME[name].description, _fmt(own_med) if own_med is not None else
                  (_status(own) or "-")]
-        peaks = [f"{max(r['peak_mb'] for r in own if r.get('peak_mb')):.0f}" if any(r.get("peak_mb") for r in own)
-                 else "-"]
+        peaks = [_peak_cell(own)]
         if reference:
             ref = results[name]["reference"]
             ref_med = _median(ref)
@@ -148,7 +158,7 @@ def _print_table(rows, results, reference: bool):
             if baseline_note:
                 notes.append(baseline_note)
             if any(r.get("peak_mb") for r in ref):
-                peaks.append(f"{max(r['peak_mb'] for r in ref if r.get('peak_mb')):.0f}")
+                peaks.append(_peak_cell(ref))
         cells.append(" / ".join(peaks))
         n_ok = sum(r.get("seconds") is not None for r in own)
         if n_ok:

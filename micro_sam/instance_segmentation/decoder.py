@@ -18,6 +18,8 @@ from typing import Dict, Mapping, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from ..models.lean_unetr import maybe_decode
+
 __all__ = ["DecoderAdapter", "get_unetr", "get_decoder", "get_predictor_and_decoder"]
 
 # The UNETR sub-modules that make up the decoder (everything except "encoder").
@@ -162,6 +164,9 @@ class DecoderAdapter(torch.nn.Module):
         self.embed_dim = int(unetr.embed_dim)
 
     def _decode(self, embeddings: torch.Tensor) -> torch.Tensor:
+        lean = maybe_decode(self, embeddings)  # the same maps with less memory; None: not applicable
+        if lean is not None:
+            return lean
         # Upsample the embeddings step by step; these feed the decoder's levels from coarse to fine.
         z9 = self.deconv1(embeddings)
         z6 = self.deconv2(z9)
