@@ -7,18 +7,21 @@ weights, but
 
 - **1x1 convolutions before upsampling.** ``Upsampler2d`` is a bilinear resize followed by a 1x1
   convolution. Both are linear, the resize acts on pixels and the convolution on channels, and the resize
-  weights sum to one (the bias passes through), so they commute: when the convolution reduces the channels it
-  runs first, at a quarter of the pixels.
+  weights sum to one (the bias passes through), so they commute: the convolution runs first, on a quarter
+  of the pixels.
 - **Normalisation and activations in place** on temporaries (instance norm, batch norm, ReLU, sigmoid).
 - **No concatenation at full resolution.** Instance norm is per channel, so the norm of a concatenation is
   the concatenation of the norms, and a convolution of a concatenation is the sum of the convolutions of its
   parts with the matching slices of the weight. The full-resolution skip branch (``deconv4``) is computed
   only when it is needed, after the decoder, instead of being held from the start.
+- **Full-resolution convolutions in chunks of rows** (3x3, zero padding: each chunk reads one extra row on
+  either side), including the upsampling that feeds ``deconv4``'s convolution, so that at most two
+  full-resolution tensors exist at once (normalisation statistics need whole tensors).
 
 Results equal the module's up to float rounding (``tests/models/test_lean_unetr.py``). Layouts other than
 torch_em's (other norms, transposed-convolution upsamplers, skip connections) and gradients use the module.
 """
-from typing import Optional
+from typing import Callable, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -81,11 +84,9 @@ def supports_lean_decoding(adapter: nn.Module) -> bool:
 
 
 def _upsample(sampler, x: Tensor) -> Tensor:
-    """``sampler(x)``: bilinear x2 and a 1x1 convolution, the convolution first when it reduces channels."""
-    conv = sampler.conv
-    if conv.out_channels < conv.in_channels:
-        return F.interpolate(conv(x), scale_factor=sampler.scale_factor, mode="bilinear", align_corners=False)
-    return conv(F.interpolate(x, scale_factor=sampler.scale_factor, mode="bilinear", align_corners=False))
+    """``sampler(x)``: bilinear x2 and a 1x1 convolution, computed with the convolution first (a quarter of
+    the pixels; the high-resolution tensor has the output channels only)."""
+    return F.interpolate(sampler.conv(x), scale_factor=sampler.scale_factor, mode="bilinear", align_corners=False)
 
 
 def _instance_norm(x: Tensor, eps: float, inplace: bool) -> Tensor:
@@ -121,6 +122,60 @@ def _conv_block(block, x: Tensor, inplace: bool) -> Tensor:
     return c2(_instance_norm(x, n2.eps, True)).relu_()
 
 
+# Output rows per chunk of the full-resolution convolutions (64 rows x 1024 x 64 channels: 16 MB).
+_ROWS = 64
+
+
+def _row_conv_ok(conv) -> bool:
+    return type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and conv.padding == (1, 1) \
+        and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
+
+
+def _conv_rows(source: Callable[[int, int], Tensor], height: int, weight: Tensor, bias: Optional[Tensor],
+               write: Callable[[int, int, Tensor], None], rows: int = _ROWS) -> None:
+    """A 3x3 convolution with zero padding 1, computed for chunks of output rows.
+
+    ``source(lo, hi)`` returns rows [lo, hi) of the (B, C, height, W) input; ``write(r0, r1, chunk)`` receives
+    the output rows [r0, r1). Only one chunk of input and output exists at a time.
+    """
+    for r0 in range(0, height, rows):
+        r1 = min(height, r0 + rows)
+        part = source(max(r0 - 1, 0), min(r1 + 1, height))
+        if r0 == 0 or r1 == height:  # the zero padding at the image's top / bottom edge
+            part = F.pad(part, (0, 0, int(r0 == 0), int(r1 == height)))
+        write(r0, r1, F.conv2d(part, weight, bias, padding=(0, 1)))
+
+
+def _interp_rows(x: Tensor, r0: int, r1: int) -> Tensor:
+    """Rows [r0, r1) of ``interpolate(x, scale_factor=2, mode="bilinear")``, from the input rows they use.
+
+    Output row j samples input position (j + 0.5) / 2 - 0.5; the slice starts and ends at least one input row
+    beyond those (or at the image edge, where the clamping is the same as for the whole image).
+    """
+    start, stop = max(0, r0 // 2 - 1), min(x.shape[2], r1 // 2 + 2)
+    up = F.interpolate(x[:, :, start:stop], scale_factor=2, mode="bilinear", align_corners=False)
+    return up[:, :, r0 - 2 * start:r1 - 2 * start]
+
+
+def _deconv_block_rows(block, x: Tensor) -> Tensor:
+    """``_deconv_block`` whose upsampled input is produced chunk by chunk and never held whole."""
+    up, single, norm, _ = block.block
+    low = up.conv(x)
+    del x  # the caller handed it over
+    conv = single.block
+    b, _, h, w = low.shape
+    out = low.new_empty((b, conv.out_channels, 2 * h, 2 * w))
+    _conv_rows(lambda lo, hi: _interp_rows(low, lo, hi), 2 * h, conv.weight, conv.bias,
+               lambda r0, r1, chunk: out[:, :, r0:r1].copy_(chunk))
+    return _batch_norm_(norm, out).relu_()
+
+
+def _tail_chunkable(adapter) -> bool:
+    head, deconv4 = adapter.decoder_head.block, adapter.deconv4.block
+    return _row_conv_ok(head[1]) and _row_conv_ok(head[4]) and _row_conv_ok(deconv4[1].block) \
+        and deconv4[0].scale_factor == 2
+
+
 def decode(adapter: nn.Module, embeddings: Tensor) -> Tensor:
     """``adapter._decode(embeddings)`` (the UNETR decoder on image embeddings) with less memory, no gradients.
 
@@ -135,26 +190,56 @@ def decode(adapter: nn.Module, embeddings: Tensor) -> Tensor:
         z9 = _deconv_block(adapter.deconv1, embeddings)
         z6 = _deconv_block(adapter.deconv2, z9)
         z3 = _deconv_block(adapter.deconv3, z6)
-        skips = [z9, z6, z3]
-        del z9, z6
+        skips, last = [z9, z6, z3], [z3]  # last: deconv4's input, handed over so the tail can free it
+        del z9, z6, z3
         x = _conv_block(adapter.base, embeddings, inplace=False)
         for block, sampler in zip(adapter.decoder.blocks, adapter.decoder.samplers):
             x = _upsample(sampler, x)
             # torch_em's concatenation centre-crops the skip to x's shape, the channel axis included.
             x = _conv_block(block, adapter.decoder._concat(x, skips.pop(0)), inplace=True)
-        # decoder_head(cat(deconv_out(x), deconv4(z3))) without the concatenation, one branch at a time.
-        n1, c1, _, n2, c2, _ = adapter.decoder_head.block
-        split = adapter.deconv_out.conv.out_channels
-        out = F.conv2d(_instance_norm(_upsample(adapter.deconv_out, x), n1.eps, True), c1.weight[:, :split],
-                       c1.bias, c1.stride, c1.padding, c1.dilation)
-        del x
-        skip = _instance_norm(_deconv_block(adapter.deconv4, z3), n1.eps, True)
-        del z3
-        out.add_(F.conv2d(skip, c1.weight[:, split:], None, c1.stride, c1.padding, c1.dilation))
-        del skip
-        out = c2(_instance_norm(out.relu_(), n2.eps, True)).relu_()
-        out = adapter.out_conv(out)
-        return out if adapter.final_activation is None else out.sigmoid_()
+        tail = _tail_rows if _tail_chunkable(adapter) else _tail
+        return tail(adapter, [x], last)
+
+
+def _tail(adapter, x: List[Tensor], z3: List[Tensor]) -> Tensor:
+    """decoder_head(cat(deconv_out(x), deconv4(z3))), out_conv and the activation, one branch at a time.
+    ``x`` and ``z3`` are one-element lists, emptied here so that the tensors are freed once used."""
+    n1, c1, _, n2, c2, _ = adapter.decoder_head.block
+    split = adapter.deconv_out.conv.out_channels
+    out = F.conv2d(_instance_norm(_upsample(adapter.deconv_out, x.pop()), n1.eps, True), c1.weight[:, :split],
+                   c1.bias, c1.stride, c1.padding, c1.dilation)
+    skip = _instance_norm(_deconv_block(adapter.deconv4, z3.pop()), n1.eps, True)
+    out.add_(F.conv2d(skip, c1.weight[:, split:], None, c1.stride, c1.padding, c1.dilation))
+    del skip
+    out = c2(_instance_norm(out.relu_(), n2.eps, True)).relu_()
+    out = adapter.out_conv(out)
+    return out if adapter.final_activation is None else out.sigmoid_()
+
+
+def _tail_rows(adapter, x: List[Tensor], z3: List[Tensor]) -> Tensor:
+    """:func:`_tail` with the full-resolution convolutions computed in chunks of rows: at most two
+    full-resolution tensors (the head's output and one branch) exist at a time."""
+    n1, c1, _, n2, c2, _ = adapter.decoder_head.block
+    split = adapter.deconv_out.conv.out_channels
+    branches = [_instance_norm(_upsample(adapter.deconv_out, x.pop()), n1.eps, True)]
+    b, _, h, w = branches[0].shape
+    out = branches[0].new_empty((b, c1.out_channels, h, w))
+    _conv_rows(lambda lo, hi: branches[0][:, :, lo:hi], h, c1.weight[:, :split], c1.bias,
+               lambda r0, r1, chunk: out[:, :, r0:r1].copy_(chunk))
+    branches.clear()
+    branches.append(_instance_norm(_deconv_block_rows(adapter.deconv4, z3.pop()), n1.eps, True))
+    _conv_rows(lambda lo, hi: branches[0][:, :, lo:hi], h, c1.weight[:, split:], None,
+               lambda r0, r1, chunk: out[:, :, r0:r1].add_(chunk))
+    branches.clear()
+    out = _instance_norm(out.relu_(), n2.eps, True)
+    result = out.new_empty((b, adapter.out_conv.out_channels, h, w))
+
+    def finish(r0, r1, chunk):
+        maps = adapter.out_conv(chunk.relu_())
+        result[:, :, r0:r1] = maps if adapter.final_activation is None else maps.sigmoid_()
+
+    _conv_rows(lambda lo, hi: out[:, :, lo:hi], h, c2.weight, c2.bias, finish)
+    return result
 
 
 def maybe_decode(adapter: nn.Module, embeddings: Tensor) -> Optional[Tensor]:

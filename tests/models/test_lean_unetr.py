@@ -68,3 +68,28 @@ def test_gradients_and_other_layouts_use_the_module(adapter, monkeypatch):
         torch.testing.assert_close(maps, ref, rtol=0, atol=1e-6)
     finally:
         adapter.decoder_head.block[0] = norm
+
+
+def test_unchunked_tail_equals_module(adapter, monkeypatch):
+    """Layouts whose full-resolution convolutions are not 3x3 / padding 1 take the unchunked tail."""
+    monkeypatch.setattr(lean_unetr, "_tail_chunkable", lambda adapter: False)
+    embeddings = torch.randn(1, 256, 16, 16, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad(), decoder_module._batch_statistics(adapter):
+        ours = lean_unetr.decode(adapter, embeddings)
+        ref = _module_maps(adapter, embeddings, monkeypatch)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("height,rows", [(17, 5), (16, 4), (9, 64), (2, 1)])
+def test_row_chunks_equal_whole_operations(height, rows):
+    g = torch.Generator().manual_seed(height)
+    x = torch.randn(2, 3, height, 7, generator=g)
+    weight, bias = torch.randn(4, 3, 3, 3, generator=g), torch.randn(4, generator=g)
+    up = torch.nn.functional.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+    for r0, r1 in [(0, 2 * height), (0, 1), (3, 2 * height - 1), (2 * height - 2, 2 * height)]:
+        if r1 > r0:
+            torch.testing.assert_close(lean_unetr._interp_rows(x, r0, r1), up[:, :, r0:r1], rtol=0, atol=1e-6)
+    out = torch.full((2, 4, 2 * height, 14), float("nan"))
+    lean_unetr._conv_rows(lambda lo, hi: lean_unetr._interp_rows(x, lo, hi), 2 * height, weight, bias,
+                          lambda r0, r1, chunk: out[:, :, r0:r1].copy_(chunk), rows=rows)
+    torch.testing.assert_close(out, torch.nn.functional.conv2d(up, weight, bias, padding=1), rtol=0, atol=1e-5)
