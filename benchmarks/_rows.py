@@ -7,6 +7,7 @@ smaller call that touches the same code), then ``measure`` runs once and is time
 
 Only the standard library is imported at module level, so that the import rows measure micro_sam's import.
 """
+import gc
 import importlib
 import inspect
 import os
@@ -343,8 +344,6 @@ def run_row(name: str, workdir: str) -> dict:
         warmup, measure = row.prepare(ctx)
         if warmup is not None:
             warmup()
-        import gc
-
         gc.collect()
         if _reset_peak_memory():  # the peak of the measured call alone; start_mb: resident before it
             result["start_mb"] = _status_mb("VmRSS")

@@ -109,6 +109,13 @@ def residual_add(branch: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return branch.add_(x)
 
 
+def needs_autograd(module: nn.Module, *tensors: torch.Tensor) -> bool:
+    """Whether autograd would track a computation with ``module``'s parameters on ``tensors``."""
+    return torch.is_grad_enabled() and (
+        any(t.requires_grad for t in tensors) or any(p.requires_grad for p in module.parameters())
+    )
+
+
 class Conv2d_BN(nn.Sequential):
     """Bias-free convolution ``c`` followed by BatchNorm ``bn``; folded into one convolution in eval mode.
 

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import gelu_on_temporary
+from .attention import gelu_on_temporary, needs_autograd
 
 __all__ = ["decode_masks", "decode_prompts", "dense_pe", "predict_torch", "supports_fast_decoding", "upscale_masks"]
 
@@ -314,14 +314,10 @@ def decode_masks(decoder: nn.Module, image_embeddings: Tensor, image_pe: Tensor,
         not segment_anything's.
     """
     args = (image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, multimask_output)
-    if not supports_fast_decoding(decoder) or not all(torch.is_tensor(t) for t in args[:4]):
+    if not supports_fast_decoding(decoder) or not all(torch.is_tensor(t) for t in args[:4]) \
+            or image_embeddings.shape[0] != 1 or image_pe.shape[0] != 1:
         return decoder(*args)
-    if image_embeddings.shape[0] != 1 or image_pe.shape[0] != 1:
-        return decoder(*args)
-    needs_grad = torch.is_grad_enabled() and (
-        any(p.requires_grad for p in decoder.parameters()) or any(t.requires_grad for t in args[:4])
-    )
-    if needs_grad:  # training: the same arithmetic under autograd, nothing cached, all prompts at once
+    if needs_autograd(decoder, *args[:4]):  # training: the same arithmetic under autograd, nothing cached, all prompts at once
         return _decode(decoder, image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings,
                        multimask_output, autograd=True)
 

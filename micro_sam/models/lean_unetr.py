@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import needs_autograd
+
 __all__ = ["decode", "maybe_decode", "supports_lean_decoding"]
 
 Tensor = torch.Tensor
@@ -68,7 +70,9 @@ def _deconv_block_ok(block) -> bool:
 
 def supports_lean_decoding(adapter: nn.Module) -> bool:
     """Whether ``adapter`` (a :class:`~micro_sam.instance_segmentation.decoder.DecoderAdapter`) has the layout
-    of torch_em's UNETR decoder with bilinear upsampling and instance norms that :func:`decode` handles."""
+    of torch_em's UNETR decoder with bilinear upsampling and instance norms that :func:`decode` handles (the
+    full-resolution convolutions 3x3 with zero padding 1, as torch_em builds them, so that they can run in
+    chunks of rows)."""
     decoder = getattr(adapter, "decoder", None)
     blocks, samplers = getattr(decoder, "blocks", None), getattr(decoder, "samplers", None)
     if blocks is None or samplers is None or len(blocks) != 3 or len(samplers) != 3 \
@@ -76,11 +80,14 @@ def supports_lean_decoding(adapter: nn.Module) -> bool:
         return False
     head = getattr(adapter, "decoder_head", None)
     out_conv, activation = getattr(adapter, "out_conv", None), getattr(adapter, "final_activation", None)
-    return all(_deconv_block_ok(getattr(adapter, f"deconv{i}", None)) for i in range(1, 5)) \
+    deconvs = [getattr(adapter, f"deconv{i}", None) for i in range(1, 5)]
+    return all(_deconv_block_ok(d) for d in deconvs) \
         and all(_conv_block_ok(b) for b in blocks) and all(_upsampler_ok(s) for s in samplers) \
         and _conv_block_ok(getattr(adapter, "base", None)) and _conv_block_ok(head) \
         and _upsampler_ok(getattr(adapter, "deconv_out", None)) and type(out_conv) is nn.Conv2d \
-        and (activation is None or type(activation) is nn.Sigmoid)
+        and (activation is None or type(activation) is nn.Sigmoid) \
+        and _row_conv_ok(head.block[1]) and _row_conv_ok(head.block[4]) \
+        and _row_conv_ok(deconvs[3].block[1].block) and deconvs[3].block[0].scale_factor == 2
 
 
 def _upsample(sampler, x: Tensor) -> Tensor:
@@ -186,10 +193,9 @@ def _deconv_block_rows(block, x: Tensor) -> Tensor:
     return _batch_norm_(norm, out).relu_()
 
 
-def _tail_chunkable(adapter) -> bool:
-    head, deconv4 = adapter.decoder_head.block, adapter.deconv4.block
-    return _row_conv_ok(head[1]) and _row_conv_ok(head[4]) and _row_conv_ok(deconv4[1].block) \
-        and deconv4[0].scale_factor == 2
+def _rows_of(x: Tensor) -> Callable[[int, int], Tensor]:
+    """A ``source`` for :func:`_conv_rows` reading rows of ``x`` (only the returned function holds ``x``)."""
+    return lambda lo, hi: x[:, :, lo:hi]
 
 
 def decode(adapter: nn.Module, embeddings: Tensor) -> Tensor:
@@ -213,40 +219,25 @@ def decode(adapter: nn.Module, embeddings: Tensor) -> Tensor:
             x = _upsample(sampler, x)
             # torch_em's concatenation centre-crops the skip to x's shape, the channel axis included.
             x = _conv_block(block, adapter.decoder._concat(x, skips.pop(0)), inplace=True)
-        tail = _tail_rows if _tail_chunkable(adapter) else _tail
-        return tail(adapter, [x], last)
+        return _tail(adapter, [x], last)
 
 
 def _tail(adapter, x: List[Tensor], z3: List[Tensor]) -> Tensor:
-    """decoder_head(cat(deconv_out(x), deconv4(z3))), out_conv and the activation, one branch at a time.
-    ``x`` and ``z3`` are one-element lists, emptied here so that the tensors are freed once used."""
+    """decoder_head(cat(deconv_out(x), deconv4(z3))), out_conv and the activation, one branch at a time and the
+    full-resolution convolutions in chunks of rows: at most two full-resolution tensors (the head's output and
+    one branch) exist at a time. ``x`` and ``z3`` are one-element lists, emptied here so that the tensors are
+    freed once used."""
     n1, c1, _, n2, c2, _ = adapter.decoder_head.block
     split = adapter.deconv_out.conv.out_channels
-    out = F.conv2d(_instance_norm(_upsample(adapter.deconv_out, x.pop()), n1.eps, True), c1.weight[:, :split],
-                   c1.bias, c1.stride, c1.padding, c1.dilation)
-    skip = _instance_norm(_deconv_block(adapter.deconv4, z3.pop()), n1.eps, True)
-    out.add_(F.conv2d(skip, c1.weight[:, split:], None, c1.stride, c1.padding, c1.dilation))
-    del skip
-    out = c2(_instance_norm(out.relu_(), n2.eps, True)).relu_()
-    out = adapter.out_conv(out)
-    return out if adapter.final_activation is None else out.sigmoid_()
-
-
-def _tail_rows(adapter, x: List[Tensor], z3: List[Tensor]) -> Tensor:
-    """:func:`_tail` with the full-resolution convolutions computed in chunks of rows: at most two
-    full-resolution tensors (the head's output and one branch) exist at a time."""
-    n1, c1, _, n2, c2, _ = adapter.decoder_head.block
-    split = adapter.deconv_out.conv.out_channels
-    branches = [_instance_norm(_upsample(adapter.deconv_out, x.pop()), n1.eps, True)]
-    b, _, h, w = branches[0].shape
-    out = branches[0].new_empty((b, c1.out_channels, h, w))
-    _conv_rows(lambda lo, hi: branches[0][:, :, lo:hi], h, c1.weight[:, :split], c1.bias,
+    branch = _instance_norm(_upsample(adapter.deconv_out, x.pop()), n1.eps, True)
+    b, _, h, w = branch.shape
+    out = branch.new_empty((b, c1.out_channels, h, w))
+    _conv_rows(_rows_of(branch), h, c1.weight[:, :split], c1.bias,
                lambda r0, r1, chunk: out[:, :, r0:r1].copy_(chunk))
-    branches.clear()
-    branches.append(_instance_norm(_deconv_block_rows(adapter.deconv4, z3.pop()), n1.eps, True))
-    _conv_rows(lambda lo, hi: branches[0][:, :, lo:hi], h, c1.weight[:, split:], None,
-               lambda r0, r1, chunk: out[:, :, r0:r1].add_(chunk))
-    branches.clear()
+    del branch
+    branch = _instance_norm(_deconv_block_rows(adapter.deconv4, z3.pop()), n1.eps, True)
+    _conv_rows(_rows_of(branch), h, c1.weight[:, split:], None, lambda r0, r1, chunk: out[:, :, r0:r1].add_(chunk))
+    del branch
     out = _instance_norm(out.relu_(), n2.eps, True)
     result = out.new_empty((b, adapter.out_conv.out_channels, h, w))
 
@@ -254,15 +245,12 @@ def _tail_rows(adapter, x: List[Tensor], z3: List[Tensor]) -> Tensor:
         maps = adapter.out_conv(chunk.relu_())
         result[:, :, r0:r1] = maps if adapter.final_activation is None else maps.sigmoid_()
 
-    _conv_rows(lambda lo, hi: out[:, :, lo:hi], h, c2.weight, c2.bias, finish)
+    _conv_rows(_rows_of(out), h, c2.weight, c2.bias, finish)
     return result
 
 
 def maybe_decode(adapter: nn.Module, embeddings: Tensor) -> Optional[Tensor]:
     """:func:`decode` when it applies (no gradients needed, supported layout), else None."""
-    needs_grad = torch.is_grad_enabled() and (
-        embeddings.requires_grad or any(p.requires_grad for p in adapter.parameters())
-    )
-    if needs_grad or not supports_lean_decoding(adapter):
+    if needs_autograd(adapter, embeddings) or not supports_lean_decoding(adapter):
         return None
     return decode(adapter, embeddings)

@@ -70,14 +70,21 @@ def test_gradients_and_other_layouts_use_the_module(adapter, monkeypatch):
         adapter.decoder_head.block[0] = norm
 
 
-def test_unchunked_tail_equals_module(adapter, monkeypatch):
-    """Layouts whose full-resolution convolutions are not 3x3 / padding 1 take the unchunked tail."""
-    monkeypatch.setattr(lean_unetr, "_tail_chunkable", lambda adapter: False)
-    embeddings = torch.randn(1, 256, 16, 16, generator=torch.Generator().manual_seed(7))
-    with torch.no_grad(), decoder_module._batch_statistics(adapter):
-        ours = lean_unetr.decode(adapter, embeddings)
-        ref = _module_maps(adapter, embeddings, monkeypatch)
-    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
+def test_full_resolution_convs_other_than_3x3_use_the_module(adapter, monkeypatch):
+    """The full-resolution convolutions run in chunks of rows, which needs torch_em's 3x3 / padding 1."""
+    conv = adapter.decoder_head.block[4]
+    adapter.decoder_head.block[4] = nn.Conv2d(conv.in_channels, conv.out_channels, kernel_size=5, padding=2)
+    try:
+        assert not lean_unetr.supports_lean_decoding(adapter)
+        embeddings = torch.randn(1, 256, 16, 16, generator=torch.Generator().manual_seed(7))
+        with torch.no_grad():
+            maps = adapter(embeddings, (256, 256), (256, 256))
+            with decoder_module._batch_statistics(adapter):
+                ref = _module_maps(adapter, embeddings, monkeypatch)
+        torch.testing.assert_close(maps, ref, rtol=0, atol=1e-6)
+    finally:
+        adapter.decoder_head.block[4] = conv
+    assert lean_unetr.supports_lean_decoding(adapter)
 
 
 @pytest.mark.parametrize("height,rows", [(17, 5), (16, 4), (9, 64), (2, 1)])
