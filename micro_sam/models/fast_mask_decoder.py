@@ -116,13 +116,14 @@ def _token_to_image(attn, tokens: Tensor, keys: Optional[Tensor], values: Option
     scale = 1.0 / math.sqrt(d)
     if projected is not None:
         k, v = (_heads(p, n_heads) for p in projected)  # (H, N, d)
-        per_head = q.transpose(0, 1).reshape(h, b * t, d)  # heads as the batch: k and v are not copied per prompt
-        weights = torch.softmax((per_head @ k.transpose(-1, -2)).mul_(scale), dim=-1)  # (H, B*T, N)
+        per_head = q.transpose(0, 1).reshape(h, b * t, d) * scale  # heads as the batch: k, v not copied per prompt
+        weights = torch.softmax(per_head @ k.transpose(-1, -2), dim=-1)  # (H, B*T, N)
         out = (weights @ v).reshape(h, b, t, d).transpose(0, 1)  # (B, H, T, d)
         return attn.out_proj(_merge_heads(out))
     w_k = attn.k_proj.weight.reshape(h, d, -1)  # (H, d, C)
-    q_folded = (q @ w_k).reshape(b, h * t, -1)  # (B, H*T, C); the key bias cancels in the softmax
-    weights = torch.softmax((q_folded @ keys.transpose(-1, -2)) * scale, dim=-1)  # (B, H*T, N)
+    # (B, H*T, C), scaled here rather than the (B, H*T, N) scores; the key bias cancels in the softmax
+    q_folded = (q @ w_k).reshape(b, h * t, -1).mul_(scale)
+    weights = torch.softmax(q_folded @ keys.transpose(-1, -2), dim=-1)  # (B, H*T, N)
     context = (weights @ values).reshape(b, h, t, -1)  # (B, H, T, C)
     w_v = attn.v_proj.weight.reshape(h, d, -1)  # (H, d, C)
     out = context @ w_v.transpose(-1, -2) + attn.v_proj.bias.reshape(h, 1, d)  # (B, H, T, d)
@@ -150,7 +151,7 @@ def _image_to_token(attn, image: Optional[Tensor], tokens_k: Tensor, tokens_v: T
     k = _heads(attn.k_proj(tokens_k), n_heads)  # (B, H, T, d)
     v = _heads(attn.v_proj(tokens_v), n_heads)
     b, h, t, d = k.shape
-    scale = 1.0 / math.sqrt(d)
+    k = k * (1.0 / math.sqrt(d))  # the softmax scale, applied to the T keys instead of the N x T scores
     if projected_queries is not None:
         # Block-diagonal keys: column (head, token) holds that token's key in the rows of its head.
         keys = k.new_zeros(b, h, d, h, t)
@@ -162,7 +163,7 @@ def _image_to_token(attn, image: Optional[Tensor], tokens_k: Tensor, tokens_v: T
         folded = folded.permute(0, 2, 1, 3).reshape(b, -1, h * t)  # (B, C, H*T)
         bias = (k @ attn.q_proj.bias.reshape(h, d, 1)).reshape(b, 1, h * t)  # (B, 1, H*T)
         scores = torch.baddbmm(bias, image, folded)
-    weights = _softmax_small(scores.mul_(scale).reshape(b, -1, h, t)).reshape(b, -1, h * t)  # (B, N, H*T)
+    weights = _softmax_small(scores.reshape(b, -1, h, t)).reshape(b, -1, h * t)  # (B, N, H*T)
     w_o = attn.out_proj.weight.reshape(-1, h, d).permute(1, 2, 0)  # (H, d, C)
     v_out = (v @ w_o).reshape(b, h * t, -1)  # (B, H*T, C)
     return torch.baddbmm(attn.out_proj.bias.reshape(1, 1, -1).expand(b, 1, -1), weights, v_out)
@@ -270,8 +271,9 @@ def _conv_transpose_2x2(conv: nn.ConvTranspose2d, x: Tensor) -> Tensor:
     """A 2x2 / stride-2 transposed convolution on channels-last pixels (..., Cin): returns (..., 2, 2, Cout),
     the output pixel (2y + dy, 2x + dx) of input pixel (y, x) at index [..., dy, dx, :]."""
     weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.in_channels, -1)  # (Cin, 2*2*Cout)
-    bias = conv.bias.repeat(4) if conv.bias is not None else None
-    out = x @ weight if bias is None else torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight)
+    out = x.reshape(-1, x.shape[-1]) @ weight
+    if conv.bias is not None:  # added afterwards: addmm's broadcast of the bias into the output is slower
+        out += conv.bias.repeat(4)
     return out.reshape(*x.shape[:-1], 2, 2, conv.out_channels)
 
 
@@ -289,9 +291,11 @@ def _masks(decoder, image: Tensor, hyper: Tensor, hw: Tuple[int, int]) -> Tensor
     x = _activate(act1, F.layer_norm(x, (x.shape[-1],), norm.weight, norm.bias, norm.eps))
     x = _activate(act2, _conv_transpose_2x2(conv2, x))  # (B, N, 2, 2, 2, 2, C/8)
     m = hyper.shape[1]
-    masks = torch.bmm(x.reshape(b, -1, x.shape[-1]), hyper.transpose(1, 2))  # (B, N*16, M)
-    masks = masks.reshape(b, h, w, 2, 2, 2, 2, m)  # [b, y, x, dy, dx, dy2, dx2, m]
-    return masks.permute(0, 7, 1, 3, 5, 2, 4, 6).reshape(b, m, 4 * h, 4 * w)
+    masks = torch.bmm(hyper, x.reshape(b, -1, x.shape[-1]).transpose(1, 2))  # (B, M, N*16)
+    # [b*m, y, x, dy, dx, dy2, dx2] -> channels (dy, dy2, dx, dx2) of each pixel (y, x): pixel (4y + 2dy + dy2,
+    # 4x + 2dx + dx2) is channel 8 dy + 4 dy2 + 2 dx + dx2, the order pixel_shuffle reads for a factor of 4.
+    masks = masks.view(b * m, h, w, 2, 2, 2, 2).permute(0, 3, 5, 4, 6, 1, 2).reshape(b, m * 16, h, w)
+    return F.pixel_shuffle(masks, 4)
 
 
 def decode_masks(decoder: nn.Module, image_embeddings: Tensor, image_pe: Tensor, sparse_prompt_embeddings: Tensor,
