@@ -28,8 +28,10 @@ import torch
 import torch.nn.functional as F
 from segment_anything.modeling import image_encoder as _sa_encoder
 
+from .attention import needs_autograd
+
 __all__ = [
-    "FastAttention", "attention_dtype", "decomposed_attention", "is_optimized", "optimize_image_encoder",
+    "FastAttention", "FastBlock", "attention_dtype", "decomposed_attention", "is_optimized", "optimize_image_encoder",
     "optimize_sam", "restore_sam",
 ]
 
@@ -163,18 +165,103 @@ class FastAttention(_sa_encoder.Attention):
         Returns:
             Tensor (B, H, W, C).
         """
-        b, h, w, dim = x.shape
-        n = h * w
-        qkv = self.qkv(x).view(b, n, 3, self.num_heads, -1)
+        b, h, w, _ = x.shape
+        out = self.attend(x).transpose(1, 2).reshape(b, h, w, -1).to(x.dtype)
+        return self.proj(out)
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        """The attention before the output projection: tokens (B, H, W, C) -> (B, heads, H * W, C / heads),
+        in the dtype of :func:`attention_dtype` (default: that of ``x``)."""
+        b, h, w, _ = x.shape
+        qkv = self.qkv(x).view(b, h * w, 3, self.num_heads, -1)
         # (B, heads, N, C) views: no copy of q, k, v.
         q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
         rel_h = self.rel_pos_h if self.use_rel_pos else None
         rel_w = self.rel_pos_w if self.use_rel_pos else None
-        out = decomposed_attention(
+        return decomposed_attention(
             q, k, v, (h, w), rel_h, rel_w, self.scale, self.chunk_elements, _ATTENTION_DTYPE.get()
         )
-        out = out.transpose(1, 2).reshape(b, h, w, -1).to(x.dtype)
-        return self.proj(out)
+
+
+# Elements of the MLP's hidden activation per chunk of tokens in FastBlock (16 MB in float32): below glibc's
+# largest mmap threshold (32 MB), so the chunks reuse heap memory instead of faulting in fresh pages each time.
+_MLP_CHUNK_ELEMENTS = 1 << 22
+
+
+def _is_linear(module) -> bool:
+    return type(module) is torch.nn.Linear
+
+
+class FastBlock(_sa_encoder.Block):
+    """segment_anything's encoder ``Block`` for inference with fewer and smaller temporaries.
+
+    Same parameters and results (to float rounding). Without gradients and autocast (and for the layout
+    segment_anything builds: :class:`FastAttention`, linear layers, layer norms, GELU), the block
+
+    - projects the attention output of window blocks after putting the windows back in image order (one copy
+      instead of three) and adds the residual while projecting global blocks (``addmm`` into a new tensor);
+    - runs the MLP (norm, ``lin1``, GELU, ``lin2``, residual) in chunks of tokens, with the GELU in place and
+      ``lin2`` accumulated into the block's own output, so the (tokens x 4C) hidden activation never exists
+      whole (50 MB per block for ``vit_b`` at 1024 x 1024, allocated, faulted in and freed twice).
+
+    The block input is never modified. Otherwise (training, autocast, wrapped layers) the original forward runs.
+    """
+
+    def _fast_path_ok(self, x: torch.Tensor) -> bool:
+        mlp = self.mlp
+        layers_ok = type(self.attn) is FastAttention and _is_linear(self.attn.proj) \
+            and _is_linear(getattr(mlp, "lin1", None)) and _is_linear(getattr(mlp, "lin2", None)) \
+            and type(getattr(mlp, "act", None)) is torch.nn.GELU and type(self.norm2) is torch.nn.LayerNorm
+        return layers_ok and not torch.is_autocast_enabled(x.device.type) and not needs_autograd(self, x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens (B, H, W, C) -> (B, H, W, C)."""
+        if not self._fast_path_ok(x):
+            return super().forward(x)
+        b, height, width, channels = x.shape
+        tokens = self.norm1(x)
+        if self.window_size > 0:
+            tokens, _ = _sa_encoder.window_partition(tokens, self.window_size)
+        out = self.attend_and_project(x, tokens, height, width)
+        self._mlp_(out.view(-1, channels))
+        return out
+
+    def attend_and_project(self, x: torch.Tensor, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """``x + proj(attention(tokens))`` in image order as a new (B, H, W, C) tensor; ``tokens`` are the
+        normalised tokens, split into windows for window blocks."""
+        attn = self.attn
+        out = attn.attend(tokens)  # (B', heads, N', d)
+        n_heads, d = out.shape[1], out.shape[3]
+        proj = attn.proj
+        if self.window_size <= 0:
+            merged = out.transpose(1, 2).reshape(-1, n_heads * d).to(x.dtype)
+            result = torch.addmm(x.reshape(-1, x.shape[-1]), merged, proj.weight.t())
+            if proj.bias is not None:
+                result += proj.bias
+            return result.view(x.shape)
+        ws, b = self.window_size, x.shape[0]
+        n_rows, n_cols = -(-height // ws), -(-width // ws)
+        # windows (b, row, col, heads, y, x, d) -> image order (b, row, y, col, x, heads, d), padding included
+        image = out.new_empty((b, n_rows, ws, n_cols, ws, n_heads, d), dtype=x.dtype)
+        image.copy_(out.view(b, n_rows, n_cols, n_heads, ws, ws, d).permute(0, 1, 4, 2, 5, 3, 6))
+        projected = proj(image.view(b, n_rows * ws, n_cols * ws, n_heads * d))
+        # into a new row-major tensor (x may be a permuted view, e.g. the patch embedding's output)
+        result = torch.empty_like(x, memory_format=torch.contiguous_format)
+        return torch.add(x, projected[:, :height, :width], out=result)
+
+    def _mlp_(self, tokens: torch.Tensor) -> None:
+        """``tokens += mlp(norm2(tokens))`` in place for tokens (N, C), in chunks of rows."""
+        norm, lin1, lin2 = self.norm2, self.mlp.lin1, self.mlp.lin2
+        rows = max(1, _MLP_CHUNK_ELEMENTS // lin1.out_features)
+        approximate = self.mlp.act.approximate
+        for start in range(0, tokens.shape[0], rows):
+            part = tokens[start:start + rows]
+            hidden = F.linear(F.layer_norm(part, norm.normalized_shape, norm.weight, norm.bias, norm.eps),
+                              lin1.weight, lin1.bias)
+            torch.ops.aten.gelu_(hidden, approximate=approximate)
+            part.addmm_(hidden, lin2.weight.t())
+            if lin2.bias is not None:
+                part += lin2.bias
 
 
 def is_optimized(sam) -> bool:
@@ -187,6 +274,8 @@ def optimize_image_encoder(encoder: torch.nn.Module) -> torch.nn.Module:
     for module in encoder.modules():
         if type(module) is _sa_encoder.Attention:
             module.__class__ = FastAttention
+        elif type(module) is _sa_encoder.Block:
+            module.__class__ = FastBlock
     return encoder
 
 
@@ -212,5 +301,7 @@ def restore_sam(sam: torch.nn.Module) -> torch.nn.Module:
     for module in sam.modules():
         if type(module) is FastAttention:
             module.__class__ = _sa_encoder.Attention
+        elif type(module) is FastBlock:
+            module.__class__ = _sa_encoder.Block
     return sam
 

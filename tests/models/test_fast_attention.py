@@ -10,7 +10,7 @@ from segment_anything.modeling import ImageEncoderViT
 from segment_anything.modeling import image_encoder as sa_encoder
 
 from micro_sam.models import fast_attention
-from micro_sam.models.fast_attention import FastAttention, is_optimized, optimize_sam, restore_sam
+from micro_sam.models.fast_attention import FastAttention, FastBlock, is_optimized, optimize_sam, restore_sam
 
 from conftest import make_tiny_sam
 
@@ -76,6 +76,39 @@ def test_reduced_vit_b_with_global_attention_equal(chunk_elements, monkeypatch):
     assert _max_abs_diff(actual, expected) <= 1e-4
 
 
+@pytest.mark.parametrize("mlp_chunk_elements", [1 << 22, 3072 * 100 + 7, 1])
+def test_fast_block_equal_and_input_untouched(mlp_chunk_elements, monkeypatch):
+    # The MLP in one chunk, in uneven chunks of 100 tokens, and token by token; window (padded) and global blocks.
+    monkeypatch.setattr(fast_attention, "_MLP_CHUNK_ELEMENTS", mlp_chunk_elements)
+    encoder = _reduced_vit_b(img_size=256, global_attn_indexes=(1,))
+    reference = copy.deepcopy(encoder)
+    fast_attention.optimize_image_encoder(encoder)
+    assert [type(b) for b in encoder.blocks] == [FastBlock, FastBlock]
+    tokens = torch.randn(2, 16, 16, 768, generator=torch.Generator().manual_seed(3))
+    permuted = tokens.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)  # a channels-first tensor's view
+    before = tokens.clone()
+    with torch.no_grad():
+        for block, expected_block in zip(encoder.blocks, reference.blocks):
+            expected = expected_block(tokens)
+            for x in (tokens, permuted):
+                actual = block(x)
+                assert actual.is_contiguous() and actual.shape == expected.shape
+                assert _max_abs_diff(actual, expected) <= 1e-4
+    assert torch.equal(tokens, before)
+
+
+def test_fast_block_falls_back_under_autocast_and_autograd():
+    encoder = _reduced_vit_b(img_size=256, depth=1, global_attn_indexes=())
+    fast_attention.optimize_image_encoder(encoder)
+    block = encoder.blocks[0]
+    x = torch.randn(1, 16, 16, 768, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(block(x), sa_encoder.Block.forward(block, x))  # the original block forward
+    out = encoder.blocks[0](x.requires_grad_())
+    out.sum().backward()
+    assert out.grad_fn is not None and x.grad is not None
+
+
 def test_rows_per_chunk():
     # 12 heads, 64x64 grid, 4096 keys: one row holds 12 * 64 * 4096 = 3145728 bias entries.
     per_row = 12 * 64 * 4096
@@ -139,7 +172,7 @@ def test_optimize_twice_restore_copy_and_pickle():
         expected = sam.image_encoder(x)
     optimize_sam(optimize_sam(sam))
     n_fast = sum(type(m) is FastAttention for m in sam.modules())
-    assert n_fast == 1
+    assert n_fast == 1 and sum(type(m) is FastBlock for m in sam.modules()) == 1
     clone = copy.deepcopy(sam)
     loaded = pickle.loads(pickle.dumps(sam))
     assert is_optimized(clone) and is_optimized(loaded)
@@ -149,6 +182,7 @@ def test_optimize_twice_restore_copy_and_pickle():
     restore_sam(sam)
     assert not is_optimized(sam)
     assert all(type(m) is sa_encoder.Attention for m in sam.modules() if isinstance(m, sa_encoder.Attention))
+    assert all(type(m) is sa_encoder.Block for m in sam.modules() if isinstance(m, sa_encoder.Block))
 
 
 def test_vit_t_is_left_unchanged():
