@@ -14,9 +14,10 @@ relative position bias passed as an additive mask:
 - with gradients (training), each chunk builds its bias with differentiable operations, so gradients reach
   ``qkv``, ``proj`` and the relative position tables exactly as in the original.
 
-Window attention blocks additionally skip the copies the original makes when splitting ``qkv``.
-The module classes are swapped in place (subclasses of segment_anything's ``Attention``), so parameters,
-state-dict keys, ``isinstance`` checks and wrappers around ``attn.qkv`` (e.g. LoRA) are unaffected.
+Window attention blocks additionally skip the copies the original makes when splitting ``qkv``, and in
+inference :class:`FastBlock` avoids most of the block's large temporaries (see there).
+The module classes are swapped in place (subclasses of segment_anything's ``Attention`` and ``Block``), so
+parameters, state-dict keys, ``isinstance`` checks and wrappers around ``attn.qkv`` (e.g. LoRA) are unaffected.
 """
 from __future__ import annotations
 
