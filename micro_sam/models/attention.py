@@ -109,6 +109,16 @@ def residual_add(branch: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return branch.add_(x)
 
 
+def has_forward_hooks(*modules: nn.Module) -> bool:
+    """Whether calling these modules would run forward (pre-)hooks, their own or global ones: a fast path that
+    computes their function without calling them must then call them instead."""
+    from torch.nn.modules import module as _module
+
+    if _module._global_forward_hooks or _module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
 def needs_autograd(module: nn.Module, *tensors: torch.Tensor) -> bool:
     """Whether autograd would track a computation with ``module``'s parameters on ``tensors``."""
     return torch.is_grad_enabled() and (

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from segment_anything.modeling import image_encoder as _sa_encoder
 
-from .attention import needs_autograd
+from .attention import has_forward_hooks, needs_autograd
 
 __all__ = [
     "FastAttention", "FastBlock", "attention_dtype", "decomposed_attention", "is_optimized", "optimize_image_encoder",
@@ -205,7 +205,8 @@ class FastBlock(_sa_encoder.Block):
       ``lin2`` accumulated into the block's own output, so the (tokens x 4C) hidden activation never exists
       whole (50 MB per block for ``vit_b`` at 1024 x 1024, allocated, faulted in and freed twice).
 
-    The block input is never modified. Otherwise (training, autocast, wrapped layers) the original forward runs.
+    The block input is never modified. Otherwise (training, autocast, wrapped layers, forward hooks on the
+    layers this path does not call) the original forward runs.
     """
 
     def _fast_path_ok(self, x: torch.Tensor) -> bool:
@@ -213,7 +214,9 @@ class FastBlock(_sa_encoder.Block):
         layers_ok = type(self.attn) is FastAttention and _is_linear(self.attn.proj) \
             and _is_linear(getattr(mlp, "lin1", None)) and _is_linear(getattr(mlp, "lin2", None)) \
             and type(getattr(mlp, "act", None)) is torch.nn.GELU and type(self.norm2) is torch.nn.LayerNorm
-        return layers_ok and not torch.is_autocast_enabled(x.device.type) and not needs_autograd(self, x)
+        bypassed = (self.attn, self.attn.proj, mlp, mlp.lin1, mlp.act, mlp.lin2, self.norm2) if layers_ok else ()
+        return layers_ok and not torch.is_autocast_enabled(x.device.type) and not needs_autograd(self, x) \
+            and not has_forward_hooks(*bypassed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Tokens (B, H, W, C) -> (B, H, W, C)."""

@@ -21,7 +21,8 @@ two-way transformer on all ``N = h * w`` image positions of every copy (about 1.
 The results equal the original up to float rounding (``tests/models/test_fast_mask_decoder.py`` compares
 logits and IoU predictions, and under autograd the gradients). Training uses it too: without the cache, with
 out-of-place operations where autograd needs the inputs. Anything the fast path does not recognise (other
-layer types, e.g. LoRA wrappers, or batched image embeddings) runs the module's own ``forward``.
+layer types, e.g. LoRA wrappers, batched image embeddings, or forward hooks on the decoder's layers) runs the
+module's own ``forward``.
 """
 import functools
 import math
@@ -32,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import gelu_on_temporary, needs_autograd
+from .attention import gelu_on_temporary, has_forward_hooks, needs_autograd
 
 __all__ = ["decode_masks", "decode_prompts", "dense_pe", "predict_torch", "supports_fast_decoding", "upscale_masks"]
 
@@ -314,14 +315,14 @@ def decode_masks(decoder: nn.Module, image_embeddings: Tensor, image_pe: Tensor,
     Returns:
         Low resolution mask logits (B, M, 4h, 4w) and predicted IoUs (B, M), M = 3 or 1; equal to the module's
         output up to float rounding (with autograd: differentiable, gradients equal up to rounding, nothing cached).
-        Falls back to ``decoder(...)`` for batched image embeddings or when the layout is
-        not segment_anything's.
+        Falls back to ``decoder(...)`` for batched image embeddings, when the layout is not segment_anything's
+        or when forward hooks are registered on the decoder's layers.
     """
     args = (image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, multimask_output)
     if not supports_fast_decoding(decoder) or not all(torch.is_tensor(t) for t in args[:4]) \
-            or image_embeddings.shape[0] != 1 or image_pe.shape[0] != 1:
+            or image_embeddings.shape[0] != 1 or image_pe.shape[0] != 1 or has_forward_hooks(*decoder.modules()):
         return decoder(*args)
-    if needs_autograd(decoder, *args[:4]):  # training: the same arithmetic under autograd, nothing cached, all prompts at once
+    if needs_autograd(decoder, *args[:4]):  # training: the same arithmetic under autograd, no cache, all prompts
         return _decode(decoder, image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings,
                        multimask_output, autograd=True)
 

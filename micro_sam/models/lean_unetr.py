@@ -19,7 +19,8 @@ weights, but
   full-resolution tensors exist at once (normalisation statistics need whole tensors).
 
 Results equal the module's up to float rounding (``tests/models/test_lean_unetr.py``). Layouts other than
-torch_em's (other norms, transposed-convolution upsamplers, skip connections) and gradients use the module.
+torch_em's (other norms, transposed-convolution upsamplers, skip connections), gradients and forward hooks on its
+layers use the module.
 """
 from typing import Callable, List, Optional
 
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import needs_autograd
+from .attention import has_forward_hooks, needs_autograd
 
 __all__ = ["decode", "maybe_decode", "supports_lean_decoding"]
 
@@ -250,7 +251,9 @@ def _tail(adapter, x: List[Tensor], z3: List[Tensor]) -> Tensor:
 
 
 def maybe_decode(adapter: nn.Module, embeddings: Tensor) -> Optional[Tensor]:
-    """:func:`decode` when it applies (no gradients needed, supported layout), else None."""
-    if needs_autograd(adapter, embeddings) or not supports_lean_decoding(adapter):
+    """:func:`decode` when it applies (no gradients needed, supported layout, no forward hooks on the layers it
+    would bypass), else None."""
+    if needs_autograd(adapter, embeddings) or not supports_lean_decoding(adapter) \
+            or has_forward_hooks(*adapter.modules()):
         return None
     return decode(adapter, embeddings)

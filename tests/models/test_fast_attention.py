@@ -97,13 +97,21 @@ def test_fast_block_equal_and_input_untouched(mlp_chunk_elements, monkeypatch):
     assert torch.equal(tokens, before)
 
 
-def test_fast_block_falls_back_under_autocast_and_autograd():
+def test_fast_block_falls_back_under_autocast_hooks_and_autograd():
     encoder = _reduced_vit_b(img_size=256, depth=1, global_attn_indexes=())
     fast_attention.optimize_image_encoder(encoder)
     block = encoder.blocks[0]
     x = torch.randn(1, 16, 16, 768, generator=torch.Generator().manual_seed(4))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(block(x), sa_encoder.Block.forward(block, x))  # the original block forward
+    seen = []
+    handle = block.mlp.lin2.register_forward_hook(lambda module, args, output: seen.append(output.shape))
+    with torch.no_grad():
+        hooked = block(x)
+    handle.remove()
+    assert seen == [(1, 16, 16, 768)]  # the original forward ran: it calls mlp.lin2 as a module
+    with torch.no_grad():
+        assert _max_abs_diff(block(x), hooked) <= 1e-4
     out = encoder.blocks[0](x.requires_grad_())
     out.sum().backward()
     assert out.grad_fn is not None and x.grad is not None

@@ -190,3 +190,24 @@ def test_dense_pe_cache_follows_weight_changes():
     second = fmd.dense_pe(model.prompt_encoder)
     torch.testing.assert_close(second, model.prompt_encoder.get_dense_pe())
     assert not torch.equal(first, second)
+
+
+def test_forward_hooks_on_decoder_layers_are_honoured(sam):
+    """A hook on a layer the fast path folds away (here the first block's cross attention) must still run."""
+    decoder = sam.mask_decoder
+    embeddings = torch.randn(1, 256, 32, 32, generator=torch.Generator().manual_seed(7))
+    sparse, dense = sam.prompt_encoder(points=(torch.tensor([[[100.0, 200.0]]]), torch.ones(1, 1)), boxes=None,
+                                       masks=None)
+    args = (embeddings, sam.prompt_encoder.get_dense_pe(), sparse, dense, True)
+    seen = []
+    handle = decoder.transformer.layers[0].cross_attn_token_to_image.register_forward_hook(
+        lambda module, inputs, output: seen.append(output.shape))
+    try:
+        with torch.no_grad():
+            masks, iou = fmd.decode_masks(decoder, *args)
+            expected = decoder(*args)
+    finally:
+        handle.remove()
+    assert seen == [(1, 7, 256), (1, 7, 256)]  # the fast call and the reference call both ran the hook
+    torch.testing.assert_close(masks, expected[0])
+    torch.testing.assert_close(iou, expected[1])

@@ -70,6 +70,21 @@ def test_gradients_and_other_layouts_use_the_module(adapter, monkeypatch):
         adapter.decoder_head.block[0] = norm
 
 
+def test_forward_hooks_use_the_module(adapter):
+    seen = []
+    embeddings = torch.randn(1, 256, 16, 16)
+    handle = adapter.deconv4.register_forward_hook(lambda module, inputs, output: seen.append(output.shape[1:]))
+    try:
+        with torch.no_grad():
+            assert lean_unetr.maybe_decode(adapter, embeddings) is None
+            adapter(embeddings, (256, 256), (256, 256))
+    finally:
+        handle.remove()
+    assert len(seen) == 1  # deconv4 ran as a module, so its hook saw its output
+    with torch.no_grad():
+        assert lean_unetr.maybe_decode(adapter, embeddings) is not None  # hook removed: the lean path again
+
+
 def test_full_resolution_convs_other_than_3x3_use_the_module(adapter, monkeypatch):
     """The full-resolution convolutions run in chunks of rows, which needs torch_em's 3x3 / padding 1."""
     conv = adapter.decoder_head.block[4]
