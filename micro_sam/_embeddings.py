@@ -345,7 +345,8 @@ def _embedding_array(image_embeddings: ImageEmbeddings, tile_id: Optional[int]):
     if not (hasattr(features, "keys") and not hasattr(features, "shape")):
         raise ValueError(f"tile_id={tile_id} was given, but the embeddings are not tiled.")
     if str(tile_id) not in features:
-        raise ValueError(f"No embeddings for tile {tile_id}; computed tiles: {sorted(int(k) for k in features.keys())}.")
+        computed = sorted(int(k) for k in features.keys())
+        raise ValueError(f"No embeddings for tile {tile_id}; computed tiles: {computed}.")
     array = features[str(tile_id)]
     return array, tuple(array.attrs["input_size"]), tuple(array.attrs["original_size"])
 
@@ -371,7 +372,8 @@ def set_precomputed(predictor, image_embeddings: ImageEmbeddings, i: Optional[in
         data = features[...] if not torch.is_tensor(features) else features
     data = data if torch.is_tensor(data) else torch.from_numpy(np.asarray(data))
     if ndim == 5 and not data.any():
-        raise ValueError(f"No embeddings were computed for slice {i}" + ("" if tile_id is None else f", tile {tile_id}") + ".")
+        where = "" if tile_id is None else f", tile {tile_id}"
+        raise ValueError(f"No embeddings were computed for slice {i}{where}.")
     predictor.features = data.to(device=predictor.device, dtype=torch.float32)
     predictor.input_size = tuple(int(s) for s in input_size)
     predictor.original_size = tuple(int(s) for s in original_size)

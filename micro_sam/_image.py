@@ -32,7 +32,9 @@ def infer_ndim(input_, ndim: Optional[int]) -> int:
             return 2 if shape[-1] <= 4 and shape[0] > 4 else 3
         if len(shape) == 4:
             return 3
-        raise ValueError(f"Invalid input of shape {shape}: expect a 2D image (Y, X[, C]) or a 3D volume (Z, Y, X[, C]).")
+        raise ValueError(
+            f"Invalid input of shape {shape}: expect a 2D image (Y, X[, C]) or a 3D volume (Z, Y, X[, C])."
+        )
     if ndim not in (2, 3):
         raise ValueError(f"ndim must be 2 or 3, got {ndim}.")
     if ndim == 2 and len(shape) not in (2, 3):

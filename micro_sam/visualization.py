@@ -88,7 +88,8 @@ def compute_pca(embeddings: np.ndarray, n_components: int = 3, as_rgb: bool = Tr
     batch_axis = 0 if embeddings.ndim == 4 else 1
     if embeddings.shape[batch_axis] != 1:
         raise ValueError(
-            f"embeddings must have a batch axis of size 1: (1, C, h, w) or (z, 1, C, h, w), got shape {embeddings.shape}"
+            "embeddings must have a batch axis of size 1: (1, C, h, w) or (z, 1, C, h, w), "
+            f"got shape {embeddings.shape}"
         )
     n_channels = embeddings.shape[batch_axis + 1]
     if isinstance(n_components, bool) or not isinstance(n_components, (int, np.integer)) or \
