@@ -220,7 +220,9 @@ def decode(adapter: nn.Module, embeddings: Tensor) -> Tensor:
             x = _upsample(sampler, x)
             # torch_em's concatenation centre-crops the skip to x's shape, the channel axis included.
             x = _conv_block(block, adapter.decoder._concat(x, skips.pop(0)), inplace=True)
-        return _tail(adapter, [x], last)
+        handed_over = [x]
+        del x  # only the list holds it now, so that the tail frees it after its first use
+        return _tail(adapter, handed_over, last)
 
 
 def _tail(adapter, x: List[Tensor], z3: List[Tensor]) -> Tensor:
