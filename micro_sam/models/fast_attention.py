@@ -222,7 +222,7 @@ class FastBlock(_sa_encoder.Block):
         """Tokens (B, H, W, C) -> (B, H, W, C)."""
         if not self._fast_path_ok(x):
             return super().forward(x)
-        b, height, width, channels = x.shape
+        _, height, width, channels = x.shape
         tokens = self.norm1(x)
         if self.window_size > 0:
             tokens, _ = _sa_encoder.window_partition(tokens, self.window_size)
