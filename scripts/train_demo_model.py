@@ -214,6 +214,9 @@ def main(argv=None):
     parser.add_argument("--prompt-parts-from", default=None,
                         help="With --init-from: start the prompt encoder and mask decoder from this checkpoint "
                         "(e.g. an interactive stage trained on an earlier encoder).")
+    parser.add_argument("--embedding-cache", type=int, default=2048,
+                        help="Interactive stage: image embeddings of the frozen encoder kept for reuse (distinct "
+                        "augmented images, 1 MB each at --image-size 512; TrainableSAM's embedding_cache_size).")
     parser.add_argument("--device", default=None)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--smoke", action="store_true", help="2 iterations on small images, output to a temp dir.")
@@ -280,6 +283,7 @@ def main(argv=None):
             device=args.device, early_stopping=None, verify_n_labels_in_loader=2,
             load_from_checkpoint="latest" if done > 0 else None,
             mask_loss=DiceBCELoss(args.bce_weight) if args.bce_weight else None,
+            embedding_cache_size=0 if joint else args.embedding_cache,
         )
     if remaining > 0:
         elapsed = time.time() - t_start

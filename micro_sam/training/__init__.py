@@ -9,7 +9,7 @@ from .configurations import CONFIGURATIONS, find_best_configuration, get_trainin
 from .joint_sam_trainer import JointSamLogger, JointSamTrainer
 from .sam_trainer import SamLogger, SamTrainer
 from .simple_sam_trainer import MedSAMTrainer, SimpleSamTrainer
-from .trainable_sam import TrainableSAM
+from .trainable_sam import TrainableSAM, frozen_parts_to_eval
 from .training import (
     default_sam_dataset, default_sam_loader, export_instance_segmentation_model, train_instance_segmentation,
     train_sam, train_sam_for_configuration,
@@ -20,6 +20,7 @@ __all__ = [
     "CONFIGURATIONS", "ConvertToSamInputs", "JointSamLogger", "JointSamTrainer", "MedSAMTrainer", "SamLogger",
     "SamTrainer", "SimpleSamTrainer",
     "TrainableSAM", "default_sam_dataset", "default_sam_loader", "export_instance_segmentation_model",
-    "find_best_configuration", "get_trainable_sam_model", "get_training_configuration", "identity",
+    "find_best_configuration", "frozen_parts_to_eval",
+    "get_trainable_sam_model", "get_training_configuration", "identity",
     "train_instance_segmentation", "train_sam", "train_sam_for_configuration",
 ]

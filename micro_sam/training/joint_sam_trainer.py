@@ -19,6 +19,7 @@ import torch
 from torch_em.model.unet import Upsampler, Upsampler2d
 
 from .sam_trainer import SamLogger, SamTrainer, _check_state_fits
+from .trainable_sam import frozen_parts_to_eval
 
 __all__ = ["JointSamTrainer", "JointSamLogger"]
 
@@ -159,7 +160,7 @@ class JointSamTrainer(SamTrainer):
         return {"instance_loss": unetr_loss.detach()}
 
     def _train_epoch_impl(self, progress, forward_context, backprop):
-        self.unetr.train()
+        frozen_parts_to_eval(self.unetr.train())
         return super()._train_epoch_impl(progress, forward_context, backprop)
 
     def _validate_impl(self, forward_context):

@@ -29,6 +29,7 @@ from .data import (check_instance_labels, default_sam_dataset, default_sam_loade
                    with_batch_size)
 from .sam_trainer import CheckpointMixin, SamLogger, SamTrainer
 from .joint_sam_trainer import JointSamLogger, JointSamTrainer
+from .trainable_sam import frozen_parts_to_eval
 from .util import ConvertToSamInputs, get_trainable_sam_model
 
 __all__ = [
@@ -329,7 +330,8 @@ def train_sam(
             :mod:`micro_sam.training.sam_trainer`); False upsamples masks to the input size as micro_sam does.
         mask_loss: The loss of the predicted masks (see :mod:`micro_sam.training.losses`); None: micro_sam's
             Dice loss. It is also the validation metric.
-        model_kwargs: Further arguments of :func:`micro_sam.util.get_sam_model`.
+        model_kwargs: Further arguments of :func:`micro_sam.training.util.get_trainable_sam_model` (e.g.
+            ``embedding_cache_size`` for a frozen image encoder) and :func:`micro_sam.util.get_sam_model`.
 
     Raises:
         ValueError: For unsuitable data (see the module docstring), a checkpoint of another architecture, or
@@ -365,7 +367,15 @@ def train_sam(
 #
 
 class InstanceSegmentationTrainer(CheckpointMixin, torch_em.trainer.DefaultTrainer):
-    """torch_em's DefaultTrainer for the UNETR, with checkpoints that a weights-only loader can read."""
+    """torch_em's DefaultTrainer for the UNETR, with checkpoints that a weights-only loader can read.
+
+    A frozen image encoder stays in evaluation mode while the decoder trains (:func:`frozen_parts_to_eval`).
+    """
+
+    def _forward_and_loss(self, x, y):
+        if self.model.training:  # DefaultTrainer switched the whole model to training mode for this epoch
+            frozen_parts_to_eval(self.model)
+        return super()._forward_and_loss(x, y)
 
 
 class InstanceSegmentationLogger(SamLogger):

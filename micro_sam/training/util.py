@@ -114,6 +114,7 @@ def get_trainable_sam_model(
     return_state: bool = False,
     peft_kwargs: Optional[Dict] = None,
     flexible_load_checkpoint: bool = False,
+    embedding_cache_size: int = 0,
     **model_kwargs,
 ) -> TrainableSAM:
     """Load a SAM model for training.
@@ -128,6 +129,8 @@ def get_trainable_sam_model(
         return_state: Also return the checkpoint's full state (with ``decoder_state`` where present).
         peft_kwargs: Parameter-efficient finetuning is not supported; must be None.
         flexible_load_checkpoint: Load only the parameters whose names and shapes match.
+        embedding_cache_size: With a frozen image encoder, reuse the embeddings of up to this many distinct
+            input batches (see :class:`TrainableSAM`); 0: compute them every time.
         model_kwargs: Further keyword arguments for :func:`micro_sam.util.get_sam_model`.
 
     Returns:
@@ -157,7 +160,7 @@ def get_trainable_sam_model(
         for name, parameter in sam.named_parameters():
             if name.startswith(part):
                 parameter.requires_grad_(False)
-    model = TrainableSAM(sam).train()
+    model = TrainableSAM(sam, embedding_cache_size=embedding_cache_size).train()
     if return_state:
         return model, state
     return model

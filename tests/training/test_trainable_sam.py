@@ -110,3 +110,89 @@ def test_get_trainable_sam_model_freezes_and_checks(vit_t_checkpoint):
         get_trainable_sam_model("vit_t", device="cpu", checkpoint_path=vit_t_checkpoint, freeze="encoder")
     with pytest.raises(NotImplementedError):
         get_trainable_sam_model("vit_t", device="cpu", checkpoint_path=vit_t_checkpoint, peft_kwargs={"rank": 2})
+
+
+def test_frozen_parts_to_eval_switches_only_fully_frozen_submodules():
+    from micro_sam.training import frozen_parts_to_eval
+
+    frozen = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), torch.nn.BatchNorm2d(2), torch.nn.Dropout())
+    mixed = torch.nn.Sequential(torch.nn.BatchNorm2d(2), torch.nn.Conv2d(2, 2, 1))
+    model = torch.nn.Sequential(frozen, mixed, torch.nn.Dropout()).train()
+    frozen.requires_grad_(False)
+    mixed[0].requires_grad_(False)
+    assert frozen_parts_to_eval(model) is model
+    # the frozen block with its parameter-free dropout, and the frozen norm inside the partly trainable block
+    assert [m.training for m in frozen] == [False, False, False] and not mixed[0].training
+    # trainable layers and parameter-free modules outside frozen parts keep training mode
+    assert mixed[1].training and mixed.training and model[2].training and model.training
+
+
+def test_frozen_vit_t_encoder_keeps_its_batch_norm_statistics(vit_t_checkpoint):
+    model = get_trainable_sam_model("vit_t", device="cpu", checkpoint_path=vit_t_checkpoint,
+                                    freeze=["image_encoder"])
+    norms = [m for m in model.sam.image_encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms, "vit_t's TinyViT has batch norms"
+    before = [m.running_mean.clone() for m in norms]
+    model.train()
+    assert model.sam.mask_decoder.training and not model.sam.image_encoder.training
+    rng = np.random.default_rng(0)
+    inputs = [{"image": torch.from_numpy(rng.integers(0, 255, (3, 64, 64)).astype("float32")),
+               "original_size": (64, 64)}]
+    embeddings, _ = model.image_embeddings_oft(inputs)
+    assert all(torch.equal(a, m.running_mean) for a, m in zip(before, norms))
+    model.eval()
+    expected, _ = model.image_embeddings_oft(inputs)
+    assert torch.allclose(embeddings, expected, atol=1e-5)
+
+
+def _count_encoder_calls(model):
+    calls = []
+    model.sam.image_encoder.register_forward_hook(lambda *args: calls.append(1))
+    return calls
+
+
+def test_embedding_cache_reuses_embeddings_of_a_frozen_encoder():
+    model = TrainableSAM(small_sam(), embedding_cache_size=2)
+    model.sam.image_encoder.requires_grad_(False)
+    model.train()
+    calls = _count_encoder_calls(model)
+    rng = np.random.default_rng(0)
+    images = {name: torch.from_numpy(rng.integers(0, 255, (3, 32, 48)).astype("float32")) for name in "abc"}
+
+    def embed(name):
+        embeddings, (record,) = model.image_embeddings_oft([{"image": images[name].clone()}])
+        return embeddings, record["input_size"]
+
+    first, size = embed("a")
+    again, size_again = embed("a")  # same content, another tensor: from the cache
+    assert len(calls) == 1 and again is first and size_again == size == (171, 256)
+    embed("b")
+    embed("c")  # evicts "a", the least recently used
+    assert len(calls) == 3
+    recomputed, _ = embed("a")
+    assert len(calls) == 4 and torch.equal(recomputed, first)
+    assert not first.requires_grad
+
+
+def test_embedding_cache_is_bypassed_for_a_trainable_encoder():
+    model = TrainableSAM(small_sam(), embedding_cache_size=8).train()
+    calls = _count_encoder_calls(model)
+    inputs = [{"image": torch.full((3, 32, 32), 7.0)}]
+    for _ in range(2):
+        embeddings, _ = model.image_embeddings_oft(inputs)
+    assert len(calls) == 2 and embeddings.requires_grad
+    with pytest.raises(ValueError, match="embedding_cache_size must be >= 0"):
+        TrainableSAM(small_sam(), embedding_cache_size=-1)
+
+
+def test_instance_segmentation_trainer_keeps_a_frozen_encoder_in_eval():
+    from micro_sam.training.training import InstanceSegmentationTrainer
+
+    model = torch.nn.Sequential(torch.nn.BatchNorm1d(3), torch.nn.Linear(3, 1))
+    model[0].requires_grad_(False)
+    trainer = object.__new__(InstanceSegmentationTrainer)
+    trainer.model, trainer.loss, trainer._iteration, trainer.log_image_interval = model, torch.nn.MSELoss(), 1, 50
+    model.train()  # as DefaultTrainer does at the start of each epoch
+    trainer._forward_and_loss(torch.rand(4, 3) * 10, torch.zeros(4, 1))
+    assert not model[0].training and model[1].training
+    assert torch.equal(model[0].running_mean, torch.zeros(3))
