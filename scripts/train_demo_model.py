@@ -177,73 +177,13 @@ def evaluate(model_path: str, images, labels, device: str) -> dict:
             "n_objects": len(ious)}
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--save-root", default=None,
-                        help="Checkpoints, logs and the initial weights (default: <micro_sam cache>/demo_training; "
-                        "with --smoke a temporary folder).")
-    parser.add_argument("--output", default=None, help=f"Exported model (default: {DEFAULT_OUTPUT}).")
-    parser.add_argument("--iterations", type=int, default=20000, help="Total training iterations.")
-    parser.add_argument("--iterations-per-epoch", type=int, default=200, help="Validation / checkpoint interval.")
-    parser.add_argument("--patch", type=int, default=512)
-    parser.add_argument("--image-size", type=int, default=512,
-                        help="Encoder input size (SAM: 1024). 512 makes training and inference 4x cheaper; "
-                        "the exported model records it and is rebuilt at this size when loaded.")
-    parser.add_argument("--n-train", type=int, default=64, help="Training images (half nuclei, half cells).")
-    parser.add_argument("--n-val", type=int, default=8, help="Validation images.")
-    parser.add_argument("--n-test", type=int, default=8, help="Held-out images for the final evaluation.")
-    parser.add_argument("--objects", type=int, default=10, help="Objects per image for the interactive loss.")
-    parser.add_argument("--sub-iterations", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=1e-4, help="Learning rate (training from scratch).")
-    parser.add_argument("--bce-weight", type=float, default=1.0,
-                        help="Weight of the cross entropy added to the Dice loss of the masks "
-                        "(micro_sam.training.losses.DiceBCELoss); 0: micro_sam's Dice loss.")
-    parser.add_argument("--export-checkpoint", choices=["best", "latest"], default="best",
-                        help="The checkpoint to export (latest: after a change of the loss, whose validation "
-                        "values are not comparable with the earlier best).")
-    parser.add_argument("--init-from", default=None,
-                        help="Start a new run from this model file ({model_state, decoder_state, image_size}, e.g. "
-                        "an export of an earlier run's latest.pt) instead of random weights: a fresh optimizer, "
-                        "e.g. for another learning rate.")
-    parser.add_argument("--stage", choices=["joint", "interactive", "decoder"], default="joint",
-                        help="joint: everything (SAM and the UNETR decoder, JointSamTrainer); interactive: only the "
-                        "prompt encoder and mask decoder on the frozen image encoder of --init-from (SamTrainer), "
-                        "much cheaper per iteration, the export takes the decoder from --init-from; decoder: only "
-                        "the UNETR decoder on that frozen encoder (train_instance_segmentation), the export takes "
-                        "SAM from --init-from.")
-    parser.add_argument("--prompt-parts-from", default=None,
-                        help="With --init-from: start the prompt encoder and mask decoder from this checkpoint "
-                        "(e.g. an interactive stage trained on an earlier encoder).")
-    parser.add_argument("--embedding-cache", type=int, default=2048,
-                        help="Interactive stage: image embeddings of the frozen encoder kept for reuse (distinct "
-                        "augmented images, 1 MB each at --image-size 512; TrainableSAM's embedding_cache_size).")
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--smoke", action="store_true", help="2 iterations on small images, output to a temp dir.")
-    args = parser.parse_args(argv)
-
-    import torch
-
+def _train_and_export(args, parser, shape, output: str) -> None:
+    """Run one training stage (continuing from ``latest.pt``) and export its checkpoint."""
     from micro_sam.training import default_sam_loader, train_instance_segmentation, train_sam
     from micro_sam.training.losses import DiceBCELoss
 
-    if args.smoke:
-        args.save_root = args.save_root or tempfile.mkdtemp(prefix="micro_sam_demo_smoke_")
-        args.output = args.output or os.path.join(args.save_root, "vit_t_demo.pt")
-        args.iterations, args.iterations_per_epoch = 2, 1
-        args.patch, args.n_train, args.n_val, args.n_test = 256, 2, 1, 1
-        args.objects, args.sub_iterations = 4, 2
-    output = args.output or DEFAULT_OUTPUT
-    if args.save_root is None:
-        from micro_sam.util import get_cache_directory
-
-        args.save_root = os.path.join(get_cache_directory(), "demo_training")
-
-    _seed(args.seed)
-    shape = (args.patch, args.patch)
     train_images, train_labels = _images(args.n_train, shape, seed=args.seed * 1000)
     val_images, val_labels = _images(args.n_val, shape, seed=args.seed * 1000 + 500)
-    test_images, test_labels = _images(args.n_test, shape, seed=args.seed * 1000 + 900)
     joint, decoder_only = args.stage == "joint", args.stage == "decoder"
     if not joint and args.init_from is None:
         parser.error(f"--stage {args.stage} needs --init-from (the model whose image encoder is kept).")
@@ -297,6 +237,83 @@ def main(argv=None):
         export_half_precision(best, output, decoder_from=None if joint else args.init_from)
     what = f"{args.init_from} with the decoder of {best}" if decoder_only else best
     print(f"Exported {what} (half precision) to {output} ({os.path.getsize(output) / 1e6:.1f} MB).")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--save-root", default=None,
+                        help="Checkpoints, logs and the initial weights (default: <micro_sam cache>/demo_training; "
+                        "with --smoke a temporary folder).")
+    parser.add_argument("--output", default=None, help=f"Exported model (default: {DEFAULT_OUTPUT}).")
+    parser.add_argument("--iterations", type=int, default=20000, help="Total training iterations.")
+    parser.add_argument("--iterations-per-epoch", type=int, default=200, help="Validation / checkpoint interval.")
+    parser.add_argument("--patch", type=int, default=512)
+    parser.add_argument("--image-size", type=int, default=512,
+                        help="Encoder input size (SAM: 1024). 512 makes training and inference 4x cheaper; "
+                        "the exported model records it and is rebuilt at this size when loaded.")
+    parser.add_argument("--n-train", type=int, default=64, help="Training images (half nuclei, half cells).")
+    parser.add_argument("--n-val", type=int, default=8, help="Validation images.")
+    parser.add_argument("--n-test", type=int, default=8, help="Held-out images for the final evaluation.")
+    parser.add_argument("--objects", type=int, default=10, help="Objects per image for the interactive loss.")
+    parser.add_argument("--sub-iterations", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=1e-4, help="Learning rate (training from scratch).")
+    parser.add_argument("--bce-weight", type=float, default=1.0,
+                        help="Weight of the cross entropy added to the Dice loss of the masks "
+                        "(micro_sam.training.losses.DiceBCELoss); 0: micro_sam's Dice loss.")
+    parser.add_argument("--export-checkpoint", choices=["best", "latest"], default="best",
+                        help="The checkpoint to export (latest: after a change of the loss, whose validation "
+                        "values are not comparable with the earlier best).")
+    parser.add_argument("--init-from", default=None,
+                        help="Start a new run from this model file ({model_state, decoder_state, image_size}, e.g. "
+                        "an export of an earlier run's latest.pt) instead of random weights: a fresh optimizer, "
+                        "e.g. for another learning rate.")
+    parser.add_argument("--stage", choices=["joint", "interactive", "decoder", "assemble"], default="joint",
+                        help="joint: everything (SAM and the UNETR decoder, JointSamTrainer); interactive: only the "
+                        "prompt encoder and mask decoder on the frozen image encoder of --init-from (SamTrainer), "
+                        "much cheaper per iteration, the export takes the decoder from --init-from; decoder: only "
+                        "the UNETR decoder on that frozen encoder (train_instance_segmentation), the export takes "
+                        "SAM from --init-from; assemble: no training, the export is --init-from with the prompt "
+                        "encoder and mask decoder of --prompt-parts-from and the UNETR decoder of --decoder-from "
+                        "(results of an interactive and a decoder stage on the same encoder).")
+    parser.add_argument("--prompt-parts-from", default=None,
+                        help="With --init-from: start the prompt encoder and mask decoder from this checkpoint "
+                        "(e.g. an interactive stage trained on an earlier encoder).")
+    parser.add_argument("--decoder-from", default=None,
+                        help="--stage assemble: the UNETR decoder from this checkpoint or model file.")
+    parser.add_argument("--embedding-cache", type=int, default=2048,
+                        help="Interactive stage: image embeddings of the frozen encoder kept for reuse (distinct "
+                        "augmented images, 1 MB each at --image-size 512; TrainableSAM's embedding_cache_size).")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--smoke", action="store_true", help="2 iterations on small images, output to a temp dir.")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    if args.smoke:
+        args.save_root = args.save_root or tempfile.mkdtemp(prefix="micro_sam_demo_smoke_")
+        args.output = args.output or os.path.join(args.save_root, "vit_t_demo.pt")
+        args.iterations, args.iterations_per_epoch = 2, 1
+        args.patch, args.n_train, args.n_val, args.n_test = 256, 2, 1, 1
+        args.objects, args.sub_iterations = 4, 2
+    output = args.output or DEFAULT_OUTPUT
+    if args.save_root is None:
+        from micro_sam.util import get_cache_directory
+
+        args.save_root = os.path.join(get_cache_directory(), "demo_training")
+
+    _seed(args.seed)
+    shape = (args.patch, args.patch)
+    test_images, test_labels = _images(args.n_test, shape, seed=args.seed * 1000 + 900)
+    if args.stage == "assemble":
+        if args.init_from is None:
+            parser.error("--stage assemble needs --init-from (the model that gives everything else).")
+        assemble(args.init_from, output, prompt_parts_from=args.prompt_parts_from,
+                 decoder_from=args.decoder_from, half=True)
+        print(f"Assembled {args.init_from} with the prompt parts of {args.prompt_parts_from} and the "
+              f"decoder of {args.decoder_from} (half precision) to {output}.")
+    else:
+        _train_and_export(args, parser, shape, output)
     if os.path.abspath(output) == DEFAULT_OUTPUT:
         register_bundled(output)
         print(f"Registered {NAME} in micro_sam/_data/bundled_models.tsv.")

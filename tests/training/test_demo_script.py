@@ -40,3 +40,11 @@ def test_assemble_takes_each_part_from_its_stage(tmp_path):
     exported = torch.load(half, weights_only=True)
     assert exported["image_size"] == 512 and exported["model_state"]["mask_decoder.w"].dtype == torch.float16
     assert not list(tmp_path.glob("*.tmp-*"))
+
+
+def test_assemble_stage_needs_the_base_model(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        _script().main(["--stage", "assemble", "--save-root", "unused"])
+    assert "--stage assemble needs --init-from" in capsys.readouterr().err
