@@ -18,8 +18,15 @@ Stages (see the README for the runs that made the bundled file):
 
     # joint: SAM and the UNETR decoder together (JointSamTrainer), from random weights
     python scripts/train_demo_model.py --save-root runs/joint --objects 16 --sub-iterations 3 --lr 5e-4
-    # interactive: prompt encoder + mask decoder on the frozen encoder of a joint export, ~3x cheaper per iteration
-    python scripts/train_demo_model.py --stage interactive --init-from joint.pt --save-root runs/interactive --lr 1e-3
+    # interactive: prompt encoder + mask decoder on the frozen encoder of a joint export; the embeddings of the
+    # (augmented) training images are computed once and reused (--embedding-cache), ~3.5 s per iteration
+    python scripts/train_demo_model.py --stage interactive --init-from joint.pt --save-root runs/interactive --lr 1e-4
+    # decoder: the UNETR decoder alone on the same frozen encoder, ~12 s per iteration
+    python scripts/train_demo_model.py --stage decoder --init-from joint.pt --save-root runs/decoder --lr 1e-4
+    # assemble: joint encoder + prompt parts of the interactive stage + UNETR decoder of the decoder stage
+    python scripts/train_demo_model.py --stage assemble --init-from joint.pt \
+        --prompt-parts-from runs/interactive/checkpoints/vit_t_demo/latest.pt \
+        --decoder-from runs/decoder/checkpoints/vit_t_demo/latest.pt
     python scripts/train_demo_model.py --smoke         # 2 iterations end to end, output to a temporary folder
 
 From scratch, micro_sam's Dice loss alone and a learning rate of 2e-4 left the mask decoder predicting the same
