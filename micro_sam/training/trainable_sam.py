@@ -56,9 +56,10 @@ class TrainableSAM(nn.Module):
         sam: The Segment Anything model.
         embedding_cache_size: When the image encoder is frozen, keep the embeddings of up to this many distinct
             input batches (keyed by a hash of the image data) and reuse them instead of running the encoder
-            again: training only the prompt encoder and mask decoder on a fixed set of images (with flips and
-            rotations: 8 variants each) then runs the encoder once per variant. Each entry holds a
-            (B, 256, 64, 64) float32 tensor (4 MB per image at encoder size 1024, 1 MB at 512). 0 disables it.
+            again: training only the prompt encoder and mask decoder on a fixed set of images (and their flipped
+            variants) then runs the encoder once per variant. Each entry holds a (B, 256, 64, 64) float32 tensor
+            (4 MB per image at encoder size 1024, 1 MB at 512). 0 disables it. The cache assumes that the
+            encoder's weights do not change while it is frozen; :meth:`load_state_dict` empties it.
     """
 
     def __init__(self, sam: nn.Module, embedding_cache_size: int = 0) -> None:
@@ -71,6 +72,11 @@ class TrainableSAM(nn.Module):
         self.transform = ResizeLongestSide(sam.image_encoder.img_size)
         self.embedding_cache_size = int(embedding_cache_size)
         self._embedding_cache: "OrderedDict[bytes, Tuple[torch.Tensor, Tuple[int, int]]]" = OrderedDict()
+
+    def load_state_dict(self, *args, **kwargs):
+        """``nn.Module.load_state_dict``; also forgets the cached embeddings of the old weights."""
+        self._embedding_cache.clear()
+        return super().load_state_dict(*args, **kwargs)
 
     def train(self, mode: bool = True) -> "TrainableSAM":
         """Set training mode; frozen parts (see :func:`frozen_parts_to_eval`) stay in evaluation mode."""

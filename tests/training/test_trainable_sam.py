@@ -172,6 +172,9 @@ def test_embedding_cache_reuses_embeddings_of_a_frozen_encoder():
     recomputed, _ = embed("a")
     assert len(calls) == 4 and torch.equal(recomputed, first)
     assert not first.requires_grad
+    model.load_state_dict(model.state_dict())  # new weights: the cached embeddings are stale
+    embed("a")
+    assert len(calls) == 5
 
 
 def test_embedding_cache_is_bypassed_for_a_trainable_encoder():
