@@ -284,7 +284,8 @@ def main(argv=None):
                         "(results of an interactive and a decoder stage on the same encoder).")
     parser.add_argument("--prompt-parts-from", default=None,
                         help="With --init-from: start the prompt encoder and mask decoder from this checkpoint "
-                        "(e.g. an interactive stage trained on an earlier encoder).")
+                        "(e.g. an interactive stage trained on an earlier encoder); with --stage assemble: take "
+                        "them from it.")
     parser.add_argument("--decoder-from", default=None,
                         help="--stage assemble: the UNETR decoder from this checkpoint or model file.")
     parser.add_argument("--embedding-cache", type=int, default=2048,

@@ -35,12 +35,17 @@ def frozen_parts_to_eval(module: nn.Module) -> nn.Module:
         The same module.
     """
     for child in module.children():
-        parameters = list(child.parameters())
-        if parameters and not any(p.requires_grad for p in parameters):
+        if _is_frozen(child):
             child.eval()
         else:
             frozen_parts_to_eval(child)
     return module
+
+
+def _is_frozen(module: nn.Module) -> bool:
+    """Whether the module has parameters and none of them is trained."""
+    parameters = list(module.parameters())
+    return bool(parameters) and not any(p.requires_grad for p in parameters)
 
 
 class TrainableSAM(nn.Module):
@@ -152,7 +157,7 @@ class TrainableSAM(nn.Module):
         """The cache key of a batch, or None when the embeddings must be computed (no cache, trainable or
         training-mode encoder, images not on the CPU)."""
         encoder = self.sam.image_encoder
-        if self.embedding_cache_size == 0 or encoder.training or any(p.requires_grad for p in encoder.parameters()):
+        if self.embedding_cache_size == 0 or encoder.training or not _is_frozen(encoder):
             return None
         digest = hashlib.blake2b(digest_size=16)
         for inp in batched_inputs:
