@@ -41,7 +41,7 @@ import random
 import sys
 import tempfile
 import time
-from typing import Optional
+from typing import List, Optional
 
 import numpy as np
 
@@ -184,6 +184,28 @@ def evaluate(model_path: str, images, labels, device: str) -> dict:
             "n_objects": len(ious)}
 
 
+def _interactive_freeze(n_trained_stages: int, image_size: int) -> List[str]:
+    """The ``freeze`` list of the interactive stage: the whole image encoder, or all but its last
+    ``n_trained_stages`` stages and the neck. The batch norms of the trained stages stay frozen too, so that
+    they keep normalising with their running statistics (batch size 1 would otherwise give each image its own)."""
+    if n_trained_stages == 0:
+        return ["image_encoder"]
+    import torch
+
+    from micro_sam.models.build_sam import _build_vit_t
+
+    encoder = _build_vit_t(image_size).image_encoder
+    names = ["patch_embed"] + [f"layers.{i}" for i in range(len(encoder.layers))]
+    if not 0 < n_trained_stages <= len(names):
+        raise ValueError(f"--train-encoder-stages must be in [0, {len(names)}], got {n_trained_stages}.")
+    frozen = names[:len(names) - n_trained_stages] + ["norm_head", "head"]  # the classification head is unused
+    for name in names[len(names) - n_trained_stages:]:
+        stage = encoder.get_submodule(name)
+        frozen += [f"{name}.{sub}" for sub, module in stage.named_modules()
+                   if isinstance(module, torch.nn.modules.batchnorm._BatchNorm)]
+    return [f"image_encoder.{name}" for name in frozen]
+
+
 def _train_and_export(args, parser, shape, output: str) -> None:
     """Run one training stage (continuing from ``latest.pt``) and export its checkpoint."""
     from micro_sam.training import default_sam_loader, train_instance_segmentation, train_sam
@@ -225,7 +247,7 @@ def _train_and_export(args, parser, shape, output: str) -> None:
         train_sam(
             name=NAME, model_type="vit_t", train_loader=train_loader, val_loader=val_loader,
             n_iterations=remaining, checkpoint_path=initial, with_segmentation_decoder=joint, lr=args.lr,
-            freeze=None if joint else ["image_encoder"],
+            freeze=None if joint else _interactive_freeze(args.train_encoder_stages, args.image_size),
             n_objects_per_batch=args.objects, n_sub_iteration=args.sub_iterations, save_root=args.save_root,
             device=args.device, early_stopping=None, verify_n_labels_in_loader=2,
             load_from_checkpoint="latest" if done > 0 else None,
@@ -291,6 +313,11 @@ def main(argv=None):
     parser.add_argument("--embedding-cache", type=int, default=2048,
                         help="Interactive stage: image embeddings of the frozen encoder kept for reuse (distinct "
                         "augmented images, 1 MB each at --image-size 512; TrainableSAM's embedding_cache_size).")
+    parser.add_argument("--train-encoder-stages", type=int, default=0,
+                        help="Interactive stage: also train the last N of the encoder's 5 stages (patch embedding, "
+                        "4 layers) and its neck, their batch norms kept frozen; the embedding cache then keeps the "
+                        "output of the frozen stages. The export holds the changed encoder; train the UNETR "
+                        "decoder on it afterwards (--stage decoder --init-from <export>).")
     parser.add_argument("--device", default=None)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--smoke", action="store_true", help="2 iterations on small images, output to a temp dir.")

@@ -318,20 +318,49 @@ class TinyViT(nn.Module):
     def no_weight_decay_keywords(self) -> set:
         return {"attention_biases"}
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Encode images ``(B, in_chans, img_size, img_size)`` into ``(B, 256, H', W')`` embeddings."""
-        if x.ndim != 4 or tuple(x.shape[-2:]) != (self.img_size, self.img_size):
-            raise ValueError(
-                f"Expected input of shape (B, C, {self.img_size}, {self.img_size}), got {tuple(x.shape)}."
-            )
-        x = self.patch_embed(x.contiguous(memory_format=torch.channels_last))
-        for layer in self.layers:
-            x = layer(x)
+    @property
+    def stages(self) -> List[nn.Module]:
+        """The stages in the order they run: the patch embedding, then the four layers (the neck follows)."""
+        return [self.patch_embed, *self.layers]
+
+    def forward_stages(self, x: torch.Tensor, start: int = 0, stop: Optional[int] = None) -> torch.Tensor:
+        """Run the stages ``start`` to ``stop - 1`` of :attr:`stages`; ``stop=None`` runs the rest and the neck.
+
+        ``forward_stages(forward_stages(x, 0, k), k)`` equals ``forward_features(x)``; training can thus keep the
+        output of frozen leading stages and run only the trainable rest.
+
+        Args:
+            x: The images ``(B, in_chans, img_size, img_size)`` for ``start=0``, else the output of stage
+                ``start - 1``: ``(B, C, H, W)`` after the patch embedding, ``(B, H * W, C)`` tokens after a layer.
+            start: The first stage to run.
+            stop: One past the last stage to run; None: all remaining stages and the neck.
+
+        Returns:
+            The output of stage ``stop - 1``, or the ``(B, 256, H', W')`` embeddings when ``stop`` is None.
+        """
+        n_stages = len(self.stages)
+        last = n_stages if stop is None else stop
+        if not 0 <= start <= last <= n_stages:
+            raise ValueError(f"Invalid stage range start={start}, stop={stop}: the encoder has {n_stages} stages.")
+        if start == 0:
+            if x.ndim != 4 or tuple(x.shape[-2:]) != (self.img_size, self.img_size):
+                raise ValueError(
+                    f"Expected input of shape (B, C, {self.img_size}, {self.img_size}), got {tuple(x.shape)}."
+                )
+            x = x.contiguous(memory_format=torch.channels_last)
+        for stage in self.stages[start:last]:
+            x = stage(x)
+        if stop is not None:
+            return x
         h, w = self.output_resolution
         # The neck runs on a contiguous (NCHW) map: the final convolutions then accumulate like MobileSAM's,
         # which keeps the result within float32 noise of it (channels-last convolutions round differently).
         x = x.reshape(x.shape[0], h, w, x.shape[-1]).permute(0, 3, 1, 2).contiguous()
         return self.neck(x)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Encode images ``(B, in_chans, img_size, img_size)`` into ``(B, 256, H', W')`` embeddings."""
+        return self.forward_stages(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Same as :meth:`forward_features`."""

@@ -140,3 +140,17 @@ def test_wrong_input_size_raises():
     model = TinyViT(**SMALL).eval()
     with pytest.raises(ValueError, match="256"):
         model(torch.zeros(1, 3, 128, 128))
+
+
+def test_forward_stages_compose_to_the_full_forward():
+    model = deterministic_fill_(TinyViT(**SMALL)).eval()
+    x = deterministic_image((1, 3, 256, 256), seed=5)
+    with torch.no_grad():
+        full = model(x)
+        assert len(model.stages) == 5
+        for k in range(len(model.stages) + 1):
+            head = model.forward_stages(x, 0, k)
+            torch.testing.assert_close(model.forward_stages(head, k), full, rtol=0, atol=2e-5)
+        assert model.forward_stages(x, 0, 2).shape == (1, 32 * 32, 128)  # tokens after the first layer
+    with pytest.raises(ValueError, match="5 stages"):
+        model.forward_stages(x, 3, 2)

@@ -177,6 +177,40 @@ def test_embedding_cache_reuses_embeddings_of_a_frozen_encoder():
     assert len(calls) == 5
 
 
+def test_embedding_cache_keeps_the_output_of_frozen_leading_stages():
+    from micro_sam.models.build_sam import _build_vit_t
+
+    torch.manual_seed(0)
+    sam = _build_vit_t(256)
+    encoder = sam.image_encoder
+    for stage in encoder.stages[:4]:  # patch embedding and three layers frozen; the last layer and neck train
+        stage.requires_grad_(False)
+    model = TrainableSAM(sam, embedding_cache_size=4).train()
+    assert not encoder.layers[2].training and encoder.layers[3].training
+    trunk_calls, rest_calls = [], []
+    encoder.layers[2].register_forward_hook(lambda *args: trunk_calls.append(1))
+    encoder.layers[3].register_forward_hook(lambda *args: rest_calls.append(1))
+    image = torch.from_numpy(np.random.default_rng(1).integers(0, 255, (3, 64, 64)).astype("float32"))
+
+    first, _ = model.image_embeddings_oft([{"image": image.clone()}])
+    second, (record,) = model.image_embeddings_oft([{"image": image.clone()}])
+    assert len(trunk_calls) == 1 and len(rest_calls) == 2 and record["input_size"] == (256, 256)
+    # the trainable part runs on the cached features, with gradients
+    second.sum().backward()
+    assert encoder.neck[0].weight.grad is not None and encoder.layers[3].blocks[0].mlp.fc1.weight.grad is not None
+    assert all(p.grad is None for p in encoder.layers[2].parameters())
+    with torch.no_grad():
+        expected = encoder(model.preprocess(image[None])[0])
+    torch.testing.assert_close(first.detach(), expected, rtol=0, atol=1e-4)  # no-grad fast path rounds
+    torch.testing.assert_close(second.detach(), expected, rtol=0, atol=1e-4)
+    # a trainable first stage: nothing can be cached
+    encoder.patch_embed.requires_grad_(True)
+    model.train()
+    n_calls = len(trunk_calls)
+    model.image_embeddings_oft([{"image": image.clone()}])
+    assert len(trunk_calls) == n_calls + 1
+
+
 def test_embedding_cache_is_bypassed_for_a_trainable_encoder():
     model = TrainableSAM(small_sam(), embedding_cache_size=8).train()
     calls = _count_encoder_calls(model)
