@@ -2,6 +2,7 @@
 import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "train_demo_model.py"
@@ -48,3 +49,24 @@ def test_assemble_stage_needs_the_base_model(capsys):
     with pytest.raises(SystemExit):
         _script().main(["--stage", "assemble", "--save-root", "unused"])
     assert "--stage assemble needs --init-from" in capsys.readouterr().err
+
+
+def test_interactive_freeze_trains_the_encoder_end_with_frozen_batch_norms():
+    from micro_sam.models.build_sam import _build_vit_t
+    from micro_sam.training.trainable_sam import TrainableSAM
+
+    script = _script()
+    assert script._interactive_freeze(0, 256) == ["image_encoder"]
+    sam = _build_vit_t(256)
+    freeze = script._interactive_freeze(1, 256)
+    for name, parameter in sam.named_parameters():
+        parameter.requires_grad_(not any(name.startswith(prefix) for prefix in freeze))
+    trainable = {name.split(".")[0] for name, p in sam.image_encoder.named_parameters() if p.requires_grad}
+    assert trainable == {"layers", "neck"}
+    assert all(name.startswith("3.") for name, p in sam.image_encoder.layers.named_parameters() if p.requires_grad)
+    model = TrainableSAM(sam).train()
+    norms = [m for m in sam.image_encoder.layers[3].modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and not any(m.training for m in norms) and sam.image_encoder.layers[3].blocks[0].mlp.training
+    assert model.sam.mask_decoder.training
+    with pytest.raises(ValueError, match=r"\[0, 5\]"):
+        script._interactive_freeze(6, 256)
