@@ -112,12 +112,14 @@ def _decoder_state_of(path: str) -> Optional[dict]:
 
 
 def assemble(base: str, output: str, prompt_parts_from: Optional[str] = None,
-             decoder_from: Optional[str] = None, half: bool = False) -> None:
+             decoder_from: Optional[str] = None, half: bool = False, image_size: Optional[int] = None) -> None:
     """Write a model file ``{"model_state", "decoder_state"[, "image_size"]}`` built from checkpoints.
 
     ``base`` gives everything; ``prompt_parts_from`` replaces the prompt encoder and mask decoder (the result of
     the interactive stage), ``decoder_from`` the UNETR decoder state (a model file, a SAM trainer checkpoint or a
-    UNETR trainer checkpoint). ``half``: floating tensors in float16. Written atomically.
+    UNETR trainer checkpoint). ``half``: floating tensors in float16. ``image_size``: record this encoder input
+    size instead of the base's (vit_t's parameters do not depend on it; the model is rebuilt at this size when
+    loaded). Written atomically.
     """
     import torch
 
@@ -137,7 +139,9 @@ def assemble(base: str, output: str, prompt_parts_from: Optional[str] = None,
         return {k: (v.half() if half and torch.is_floating_point(v) else v) for k, v in tensors.items()}
 
     assembled = {"model_state": convert(model_state), "decoder_state": convert(decoder_state)}
-    if "image_size" in state:
+    if image_size is not None:
+        assembled["image_size"] = int(image_size)
+    elif "image_size" in state:
         assembled["image_size"] = int(state["image_size"])
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     tmp = f"{output}.tmp-{os.getpid()}"
@@ -308,6 +312,10 @@ def main(argv=None):
                         help="With --init-from: start the prompt encoder and mask decoder from this checkpoint "
                         "(e.g. an interactive stage trained on an earlier encoder); with --stage assemble: take "
                         "them from it.")
+    parser.add_argument("--set-image-size", type=int, default=None,
+                        help="--stage assemble: record this encoder input size in the output instead of that of "
+                        "--init-from (same parameters; e.g. 640 to run the 512 x 512 images upscaled 1.25x, with "
+                        "finer image tokens). Later stages started from the output train at this size.")
     parser.add_argument("--decoder-from", default=None,
                         help="--stage assemble: the UNETR decoder from this checkpoint or model file.")
     parser.add_argument("--embedding-cache", type=int, default=2048,
@@ -344,7 +352,7 @@ def main(argv=None):
         if args.init_from is None:
             parser.error("--stage assemble needs --init-from (the model that gives everything else).")
         assemble(args.init_from, output, prompt_parts_from=args.prompt_parts_from,
-                 decoder_from=args.decoder_from, half=True)
+                 decoder_from=args.decoder_from, half=True, image_size=args.set_image_size)
         print(f"Assembled {args.init_from} with the prompt parts of {args.prompt_parts_from} and the "
               f"decoder of {args.decoder_from} (half precision) to {output}.")
     else:

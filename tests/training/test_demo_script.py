@@ -40,6 +40,10 @@ def test_assemble_takes_each_part_from_its_stage(tmp_path):
     script.export_half_precision(str(out), str(half))
     exported = torch.load(half, weights_only=True)
     assert exported["image_size"] == 512 and exported["model_state"]["mask_decoder.w"].dtype == torch.float16
+    resized = tmp_path / "resized.pt"
+    script.assemble(str(half), str(resized), image_size=640)  # same weights, another encoder input size
+    result = torch.load(resized, weights_only=True)
+    assert result["image_size"] == 640 and torch.equal(result["model_state"]["mask_decoder.w"], t["g"].half())
     assert not list(tmp_path.glob("*.tmp-*"))
 
 
