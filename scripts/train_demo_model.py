@@ -199,7 +199,8 @@ def _interactive_freeze(n_trained_stages: int, image_size: int) -> List[str]:
     from micro_sam.models.build_sam import _build_vit_t
 
     encoder = _build_vit_t(image_size).image_encoder
-    names = ["patch_embed"] + [f"layers.{i}" for i in range(len(encoder.layers))]
+    name_of = {id(module): name for name, module in encoder.named_modules()}
+    names = [name_of[id(stage)] for stage in encoder.stages]  # "patch_embed", "layers.0", ...
     if not 0 < n_trained_stages <= len(names):
         raise ValueError(f"--train-encoder-stages must be in [0, {len(names)}], got {n_trained_stages}.")
     frozen = names[:len(names) - n_trained_stages] + ["norm_head", "head"]  # the classification head is unused
