@@ -61,6 +61,7 @@ class _ImageSeries:
         self.index: Optional[int] = None
         self.tool = None
         self.model_args: Optional[dict] = None
+        self.unreadable: set = set()
         os.makedirs(self.output_folder, exist_ok=True)
 
     def name(self, i: int) -> str:
@@ -89,13 +90,32 @@ class _ImageSeries:
         return image, segmentation
 
     def next_index(self, start: int, step: int) -> Optional[int]:
-        """The next image to open from ``start`` in direction ``step`` (skipping segmented ones going forward)."""
+        """The next image to open from ``start`` in direction ``step`` (skipping segmented ones going forward
+        and unreadable ones)."""
         i = start
         while 0 <= i < len(self.images):
-            if not (self.skip_segmented and step > 0 and os.path.exists(self.save_path(i))):
+            segmented = self.skip_segmented and step > 0 and os.path.exists(self.save_path(i))
+            if not segmented and i not in self.unreadable:
                 return i
             i += step
         return None
+
+    def read_next(self, start: Optional[int], step: int):
+        """Read the image ``start`` or, if it cannot be read, the next readable one in direction ``step``.
+
+        Returns:
+            (index or None, image, segmentation, messages about the images that were skipped).
+        """
+        i, skipped = start, []
+        while i is not None:
+            try:
+                image, segmentation = self.read(i)
+                return i, image, segmentation, skipped
+            except ValueError as error:
+                skipped.append(f"{self.name(i)}: {error}")
+                self.unreadable.add(i)
+                i = self.next_index(i + step, step)
+        return None, None, None, skipped
 
     # --- in the viewer ---------------------------------------------------------------------------------------
     def save_current(self) -> bool:
@@ -139,16 +159,19 @@ class _ImageSeries:
             if self.model_args is not None:  # started from the widget: the model is loaded here
                 state.load_model(**self.model_args)
             i, skipped = target, []
-            while i is not None:
+            while True:
+                i, image, segmentation, unreadable = self.read_next(i, step)
+                skipped += unreadable
+                if i is None:
+                    return None, None, None, skipped
                 try:
-                    image, segmentation = self.read(i)
                     state.compute_embeddings(image, self.embedding_file(i), self.tile_shape, self.halo,
                                              pbar_init=pbar_init, pbar_update=pbar_update)
                     return i, image, segmentation, skipped
-                except ValueError as error:
+                except ValueError as error:  # e.g. an image of the wrong dimensionality
                     skipped.append(f"{self.name(i)}: {error}")
+                    self.unreadable.add(i)
                     i = self.next_index(i + step, step)
-            return None, None, None, skipped
 
         def done(result):
             i, image, segmentation, skipped = result
@@ -244,7 +267,12 @@ def image_series_annotator(
         print(f"All {len(series.images)} images have a segmentation in {series.output_folder!r} already "
               "(skip_segmented=True): nothing to annotate.")
         return None
-    image, segmentation = series.read(first)
+    first, image, segmentation, skipped = series.read_next(first, 1)
+    if first is None:
+        for message in skipped:
+            print(f"Skipped {message}", file=sys.stderr)
+        print("No image is left to annotate: the others have a segmentation already.")
+        return None
     state = _prepare_state(image, series.ndim, series.embedding_file(first), model_type, tile_shape, halo,
                            precompute_amg_state, checkpoint_path, None, device, prefer_decoder)
     tool_class = Annotator3d if is_volumetric else Annotator2d
@@ -254,6 +282,8 @@ def image_series_annotator(
     series.index = first
     series.widget.status.value = f"{series.name(first)} ({first + 1} / {len(series.images)})"
     tool._series = series
+    for message in skipped:
+        show_error(f"Skipped {message}")
     if return_viewer:
         return viewer
     napari.run()
@@ -268,13 +298,14 @@ def _image_files(folder, pattern: str) -> List[str]:
     files = sorted(path for path in glob(os.path.join(folder, pattern)) if os.path.isfile(path))
     images = [path for path in files if path.lower().endswith(IMAGE_EXTENSIONS)]
     others = [os.path.basename(path) for path in files if path not in images]
-    if others:
-        print(f"Skipped {len(others)} files that are not images ({', '.join(IMAGE_EXTENSIONS)}): "
-              f"{', '.join(others[:10])}{' ...' if len(others) > 10 else ''}", file=sys.stderr)
     if not images:
         raise ValueError(f"No image files match {pattern!r} in {folder!r} (image files end with "
                          f"{', '.join(IMAGE_EXTENSIONS)}).")
-    return images
+    note = None
+    if others:
+        note = (f"Skipped {len(others)} files in {folder!r} that are not images: {', '.join(others[:10])}"
+                f"{' ...' if len(others) > 10 else ''} (images end with {', '.join(IMAGE_EXTENSIONS)}).")
+    return images, note
 
 
 def image_folder_annotator(
@@ -305,12 +336,25 @@ def image_folder_annotator(
     Raises:
         ValueError: A missing folder, or no image files in it.
     """
-    images = _image_files(input_folder, pattern)
+    import napari
+
+    images, note = _image_files(input_folder, pattern)
     initial = None
     if initial_segmentation_folder is not None:
-        initial = _image_files(initial_segmentation_folder, initial_segmentation_pattern)
-    return image_series_annotator(images, output_folder, initial_segmentations=initial, viewer=viewer,
-                                  return_viewer=return_viewer, **kwargs)
+        initial, _ = _image_files(initial_segmentation_folder, initial_segmentation_pattern)
+    viewer = image_series_annotator(images, output_folder, initial_segmentations=initial, viewer=viewer,
+                                    return_viewer=True, **kwargs)
+    if note is not None:
+        if viewer is None:
+            print(note, file=sys.stderr)
+        else:
+            show_warning(note)
+    if viewer is None:
+        return None
+    if return_viewer:
+        return viewer
+    napari.run()
+    return None
 
 
 class ImageSeriesAnnotator(Container):
@@ -354,7 +398,9 @@ class ImageSeriesAnnotator(Container):
                 raise ValueError("Choose the input folder with the images.")
             if output is None or str(output) in ("", "."):
                 raise ValueError("Choose the output folder for the segmentations.")
-            images = _image_files(folder, self.pattern.value or "*")
+            images, note = _image_files(folder, self.pattern.value or "*")
+            if note is not None:
+                show_warning(note)
             tile_shape, halo = tiling_inputs(self.tile_shape.value, self.halo.value)
             series = _ImageSeries(images, output, self.embeddings_save_path.value, None, self.is_volumetric.value,
                                   True, tile_shape, halo)

@@ -70,13 +70,38 @@ def pytest_unconfigure(config):
 
 
 @pytest.fixture(scope="session")
-def demo_model():
-    """The bundled vit_t_demo predictor and its AIS decoder, loaded once."""
-    from micro_sam.sam_annotator._state import AnnotatorState
+def demo_checkpoint():
+    """The bundled vit_t_demo predictor and its checkpoint state, loaded once."""
+    from micro_sam import util
 
-    state = AnnotatorState()
-    state.load_model("vit_t_demo", device="cpu")
-    return state.predictor, state.decoder
+    return util.get_sam_model(model_type="vit_t_demo", device="cpu", return_state=True)
+
+
+@pytest.fixture(scope="session")
+def demo_model(demo_checkpoint):
+    """The bundled vit_t_demo predictor and its AIS decoder."""
+    from micro_sam.instance_segmentation import get_decoder
+
+    predictor, state = demo_checkpoint
+    return predictor, get_decoder(predictor.model.image_encoder, state["decoder_state"], device="cpu")
+
+
+@pytest.fixture
+def cached_demo_model(monkeypatch, demo_checkpoint):
+    """``util.get_sam_model`` gives the loaded vit_t_demo: the tools take their own loading path, minus the cost."""
+    from micro_sam import util
+
+    original = util.get_sam_model
+
+    def get_sam_model(model_type=util._DEFAULT_MODEL, device=None, checkpoint_path=None, return_sam=False,
+                      return_state=False, **kwargs):
+        if model_type == "vit_t_demo" and checkpoint_path is None and not return_sam:
+            predictor, state = demo_checkpoint
+            return (predictor, state) if return_state else predictor
+        return original(model_type=model_type, device=device, checkpoint_path=checkpoint_path,
+                        return_sam=return_sam, return_state=return_state, **kwargs)
+
+    monkeypatch.setattr(util, "get_sam_model", get_sam_model)
 
 
 @pytest.fixture(scope="session")
