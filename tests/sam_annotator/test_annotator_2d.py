@@ -229,3 +229,49 @@ def test_screenshot_after_segmentation(tool_2d, nuclei_2d, tmp_path):
     assert path.exists()
     # the committed objects are drawn: the screenshot is not a uniform image
     assert screenshot[..., :3].std() > 5
+
+
+@pytest.mark.slow
+def test_tiled_embeddings_amg_and_ais(demo_model, nuclei_2d):
+    """Tiled embeddings from the widget; a point prompt and AIS on the tiles; AMG for a model without decoder."""
+    import napari
+
+    from micro_sam.evaluation.metrics import mean_segmentation_accuracy
+
+    predictor, decoder = demo_model
+    image, labels = nuclei_2d
+    viewer = napari.Viewer(show=False)
+    try:
+        viewer.add_image(image, name="nuclei")
+        state = AnnotatorState(ndim=2)
+        state.set_model(predictor, decoder)
+        state.model_key = ("vit_t_demo", None, "cpu", True, None)
+        tool = Annotator2d(viewer, state=state)
+        widget = tool.widgets["embeddings"]
+        widget.model_type.value, widget.device.value = "vit_t_demo", "cpu"
+        widget.tile_shape.value, widget.halo.value = (384, 384), (64, 64)
+        widget()
+        wait_for(tool)
+        assert state.is_tiled and state.tile_shape == (384, 384)
+        object_id = largest_objects(labels, 1)[0]
+        center = object_center(labels, object_id)
+        viewer.layers["point_prompts"].add(center)
+        press(viewer, "s")
+        expected = segment_from_points(predictor, center[None], np.array([1]), image_embeddings=state.image_embeddings)
+        np.testing.assert_array_equal(viewer.layers["current_object"].data != 0, expected[0])
+        assert iou(viewer.layers["current_object"].data, labels == object_id) > 0.85
+        tool.widgets["autosegment"]()
+        wait_for(tool)
+        assert mean_segmentation_accuracy(viewer.layers["auto_segmentation"].data, labels) > 0.6
+
+        state.set_segmentation_mode("amg")  # AMG: the widget shows its settings and runs the mask generator
+        tool.image_changed()
+        autosegment = tool.widgets["autosegment"]
+        assert autosegment.ais._inactive and not autosegment.amg._inactive
+        autosegment.amg.pred_iou_thresh.value, autosegment.amg.stability_score_thresh.value = 0.7, 0.8
+        autosegment()
+        wait_for(tool, timeout_s=3000)
+        auto = viewer.layers["auto_segmentation"].data
+        assert auto.max() > 0.5 * labels.max()
+    finally:
+        viewer.close()

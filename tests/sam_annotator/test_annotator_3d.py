@@ -164,3 +164,23 @@ def test_closing_the_viewer_while_embeddings_compute(demo_model, tmp_path):
                                                verbose=False)
     fresh = util.precompute_image_embeddings(predictor, volume, ndim=3, verbose=False)
     np.testing.assert_allclose(resumed["features"], fresh["features"], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_automatic_segmentation_of_the_volume(tool_3d, nuclei_3d):
+    from micro_sam.evaluation.metrics import mean_segmentation_accuracy
+
+    viewer, tool = tool_3d
+    _, labels = nuclei_3d
+    widget = tool.widgets["autosegment"]
+    widget.apply_to_volume.value = True
+    try:
+        widget()
+        wait_for(tool, timeout_s=3000)
+    finally:
+        widget.apply_to_volume.value = False
+    auto = viewer.layers["auto_segmentation"].data
+    assert auto.shape == labels.shape
+    # objects are 3D: the ids run through several slices, and they match the true objects
+    assert np.mean([len(np.unique(np.nonzero(auto == i)[0])) for i in np.unique(auto)[1:]]) > 2
+    assert mean_segmentation_accuracy(auto, labels) > 0.4
