@@ -8,6 +8,7 @@ the widgets need: ``viewer``, ``state`` (an :class:`~micro_sam.sam_annotator._st
 """
 from __future__ import annotations
 
+import weakref
 from typing import Dict, Optional
 
 import numpy as np
@@ -41,9 +42,9 @@ class _AnnotatorBase(QtWidgets.QScrollArea):
         tasks = self.tasks
         self.destroyed.connect(lambda *args: tasks.close())
 
-        shape = self.state.image_shape or self._initial_shape()
-        _layers.add_label_layers(viewer, shape, self.state.image_scale)
-        _layers.add_prompt_layers(viewer, ndim, self._extra_prompt_properties())
+        self._bound_targets = weakref.WeakSet()  # the prompt layers whose keys are bound
+        self._viewer_keys_bound = False
+        self.require_layers()
 
         self.widgets: Dict[str, object] = {}
         self.widgets.update(self._get_widgets())
@@ -77,7 +78,16 @@ class _AnnotatorBase(QtWidgets.QScrollArea):
         return (256, 256) if self._ndim == 2 else (8, 256, 256)
 
     # --- shared behaviour --------------------------------------------------------------------------------
+    def require_layers(self) -> None:
+        """Add the tool's layers that are missing (e.g. deleted by the user), for the current image."""
+        shape = self.state.image_shape or self._initial_shape()
+        _layers.add_label_layers(self.viewer, shape, self.state.image_scale)
+        _layers.add_prompt_layers(self.viewer, self._ndim, self._extra_prompt_properties())
+        if hasattr(self, "widgets"):  # re-created prompt layers get the key bindings
+            self._bind_keys()
+
     def _bind_keys(self) -> None:
+        """Bind the keys on the viewer and on the prompt layers (napari gives layer bindings precedence)."""
         from .util import toggle_label
 
         def call(name):
@@ -87,19 +97,19 @@ class _AnnotatorBase(QtWidgets.QScrollArea):
                     widget()
             return handler
 
-        layers = [self.viewer.layers[name] for name in (_layers.POINT_LAYER, _layers.SHAPE_LAYER)]
-        for key, name in self.key_bindings.items():
-            if name not in self.widgets:
-                continue
-            # Layer key bindings take precedence in napari, so the prompt layers get them too.
-            for target in [self.viewer] + layers:
-                target.bind_key(key, call(name), overwrite=True)
-
         def toggle(*args):
             toggle_label(self.viewer.layers[_layers.POINT_LAYER])
 
-        for target in [self.viewer] + layers:
+        layers = [self.viewer.layers[name] for name in (_layers.POINT_LAYER, _layers.SHAPE_LAYER)]
+        targets = [layer for layer in layers if layer not in self._bound_targets]
+        targets += [] if self._viewer_keys_bound else [self.viewer]
+        for target in targets:
+            for key, name in self.key_bindings.items():
+                if name in self.widgets:
+                    target.bind_key(key, call(name), overwrite=True)
             target.bind_key("t", toggle, overwrite=True)
+        self._bound_targets.update(layers)
+        self._viewer_keys_bound = True
 
     def _set_busy(self, busy: bool) -> None:
         """Widgets that start long work are disabled while it runs (no second run on the same state)."""

@@ -76,11 +76,10 @@ def reset_layers(viewer, shape: Tuple[int, ...], scale: Optional[Sequence[float]
     for name in LABEL_LAYERS:
         layer = viewer.layers[name]
         if name == COMMITTED_OBJECTS and committed is not None:
-            data = committed.astype("uint32", copy=True)
-        else:
-            data = np.zeros(shape, dtype="uint32")
-        layer.data = data
-        if scale is not None:
+            layer.data = committed.astype("uint32", copy=True)
+        elif layer.data.shape != shape or layer.data.dtype != np.uint32 or np.any(layer.data):
+            layer.data = np.zeros(shape, dtype="uint32")  # (an empty layer of this shape is kept: no redraw)
+        if scale is not None and tuple(layer.scale) != tuple(scale):
             layer.scale = tuple(scale)
     for name in (POINT_LAYER, SHAPE_LAYER):
         if name in viewer.layers and scale is not None:

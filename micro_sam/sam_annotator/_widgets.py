@@ -11,12 +11,10 @@ from typing import Optional
 
 import numpy as np
 
+from ..multi_dimensional_segmentation import PROJECTION_MODES
 from . import _commit, _layers
 from . import util as vutil
 from ._background import show_error, show_info, show_warning
-
-#: The projection modes of the volumetric segmentation (micro_sam's).
-from ..multi_dimensional_segmentation import PROJECTION_MODES  # noqa: E402
 
 
 def current_slice(viewer) -> int:
@@ -34,6 +32,7 @@ def _ready_for_prompts(tool) -> bool:
     if not tool.state.initialized_for_interactive_segmentation():
         show_error("The image embeddings are not computed yet: press 'Compute Embeddings' first.")
         return False
+    tool.require_layers()
     return True
 
 
@@ -192,9 +191,11 @@ def commit_objects(tool, layer: str = _layers.CURRENT_OBJECT, preserve_mode: str
     Nothing changes (and a message says why) when the layer is empty or the commit file cannot be written.
     """
     viewer, state = tool.viewer, tool.state
-    if layer not in viewer.layers or _layers.COMMITTED_OBJECTS not in viewer.layers:
-        show_error(f"The layer {layer!r} or 'committed_objects' is missing; it was removed from the viewer.")
+    if layer not in viewer.layers:
+        tool.require_layers()
+        show_error(f"The layer {layer!r} was removed from the viewer; there is nothing to commit.")
         return False
+    tool.require_layers()
     segmentation = np.asarray(viewer.layers[layer].data)
     if not segmentation.any():
         hint = "segment an object first (press S)" if layer == _layers.CURRENT_OBJECT else \

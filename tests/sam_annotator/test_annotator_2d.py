@@ -202,6 +202,14 @@ def test_bad_input_gives_messages_and_changes_nothing(tool_2d, nuclei_2d, tmp_pa
     finally:
         viewer.layers.remove("volume")
         widget.image.value = viewer.layers["nuclei"]
+    # a prompt layer deleted by the user is made again, with the key bindings
+    press(viewer, "c", shift=True)
+    viewer.layers.remove("point_prompts")
+    press(viewer, "s")
+    viewer.layers["point_prompts"].add(object_center(labels, largest_objects(labels, 1)[0]))
+    viewer.layers.selection.active = viewer.layers["point_prompts"]
+    press(viewer, "s")
+    np.testing.assert_array_equal(viewer.layers["current_object"].data, current)
     messages = [text for _, text in notifications()]
     for part in ("Nothing to commit", "There are no prompts", "is a file, not a folder", "another image",
                  "The 2D annotator needs an image"):

@@ -184,3 +184,20 @@ def test_automatic_segmentation_of_the_volume(tool_3d, nuclei_3d):
     # objects are 3D: the ids run through several slices, and they match the true objects
     assert np.mean([len(np.unique(np.nonzero(auto == i)[0])) for i in np.unique(auto)[1:]]) > 2
     assert mean_segmentation_accuracy(auto, labels) > 0.4
+
+
+def test_embeddings_cached_for_another_model_are_refused(session_3d, nuclei_3d, vit_t_checkpoint, tmp_path, capsys):
+    import importlib
+    import os
+
+    import tifffile
+
+    _, tool = session_3d
+    cache = tool.state.embedding_path  # computed with vit_t_demo
+    before = {name: os.path.getmtime(os.path.join(cache, name)) for name in os.listdir(cache)}
+    path = tmp_path / "volume.tif"
+    tifffile.imwrite(path, nuclei_3d[0])
+    main = importlib.import_module("micro_sam.sam_annotator.annotator_3d").main
+    assert main(["-i", str(path), "-e", cache, "-m", "vit_t", "-c", str(vit_t_checkpoint), "-d", "cpu"]) == 1
+    assert "computed for another model" in capsys.readouterr().err
+    assert {name: os.path.getmtime(os.path.join(cache, name)) for name in os.listdir(cache)} == before

@@ -104,7 +104,7 @@ def test_training_widget_reports_bad_settings(tmp_path, notifications):
 
 
 @pytest.mark.slow
-def test_training_widget_exports_a_model_the_annotators_load(tmp_path):
+def test_training_widget_exports_a_model_the_annotators_load(tmp_path, one_torch_thread):
     """Two iterations of vit_t_demo (with its decoder) on a tiny data set; the export loads as a model."""
     from micro_sam.sam_annotator._state import AnnotatorState
     from micro_sam.sample_data import synthetic_nuclei_2d
