@@ -271,12 +271,13 @@ class AnnotatorState:
             return segmenter
         verbose = pbar_init is not None
         if self.embedding_path is not None:  # load the state cached in the embeddings, or compute and cache it
+            progress = dict(verbose=False, i=i, pbar_init=pbar_init, pbar_update=pbar_update)
             if decoder is None:
                 cached = precompute_state.cache_amg_state(self.predictor, self.image, self.image_embeddings,
-                                                          self.embedding_path, verbose=False, i=i)
+                                                          self.embedding_path, **progress)
             else:
                 cached = precompute_state.cache_is_state(self.predictor, decoder, self.image, self.image_embeddings,
-                                                         self.embedding_path, verbose=False, i=i)
+                                                         self.embedding_path, **progress)
             state = cached.get_state()
         else:
             segmenter.initialize(self.image, image_embeddings=self.image_embeddings, i=i, verbose=verbose,

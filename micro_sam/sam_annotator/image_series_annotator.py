@@ -65,15 +65,18 @@ class _ImageSeries:
         os.makedirs(self.output_folder, exist_ok=True)
 
     def name(self, i: int) -> str:
+        """How image ``i`` is called in messages (its file name)."""
         return f"image {i:05}" if self.arrays else os.path.basename(os.fspath(self.images[i]))
 
     def _stem(self, i: int, prefix: str) -> str:
         return f"{prefix}_{i:05}" if self.arrays else Path(self.images[i]).stem
 
     def save_path(self, i: int) -> str:
+        """Where the segmentation of image ``i`` is saved."""
         return os.path.join(self.output_folder, self._stem(i, "seg") + ".tif")
 
     def embedding_file(self, i: int) -> Optional[str]:
+        """The embedding cache of image ``i`` (None without ``embedding_path``)."""
         if self.embedding_path is None:
             return None
         return os.path.join(self.embedding_path, self._stem(i, "embedding") + ".zarr")
@@ -119,6 +122,7 @@ class _ImageSeries:
 
     # --- in the viewer ---------------------------------------------------------------------------------------
     def save_current(self) -> bool:
+        """Save the committed objects of the open image; returns success (an error is shown otherwise)."""
         viewer = self.tool.viewer
         segmentation = viewer.layers[_layers.COMMITTED_OBJECTS].data
         if viewer.layers[_layers.CURRENT_OBJECT].data.any():
