@@ -31,7 +31,14 @@ _STRICT_KEYS = ("data_signature", "tile_shape", "halo", "model_type", "model_has
 
 # --- progress bars ---------------------------------------------------------------------------------------
 def handle_pbar(verbose: bool, pbar_init: Optional[Callable], pbar_update: Optional[Callable]):
-    """Return (pbar, init, update, close) callbacks: tqdm when verbose, the caller's callbacks, or no-ops."""
+    """Progress callbacks for a function that does long work.
+
+    Returns ``(pbar, init, update, close)``: with ``verbose=False`` no-ops; with the caller's ``pbar_init`` and
+    ``pbar_update`` those (``close`` a no-op); otherwise ``init(total, description)`` opens a named bar
+    (:func:`micro_sam._progress.progress_bar`: tqdm on a terminal, plain lines in logs), ``update(n)`` advances
+    it and ``close()`` closes it. No bar is shown before ``init`` is called; ``pbar`` is None (kept for
+    micro_sam's signature).
+    """
 
     def noop(*args, **kwargs):
         return None
@@ -42,15 +49,23 @@ def handle_pbar(verbose: bool, pbar_init: Optional[Callable], pbar_update: Optio
         if pbar_update is None:
             raise ValueError("pbar_init was given without pbar_update; pass both callbacks or neither.")
         return None, pbar_init, pbar_update, noop
-    from tqdm import tqdm
+    from ._progress import progress_bar
 
-    pbar = tqdm(total=0)
+    bars = []
 
     def init(total, description):
-        pbar.reset(total=total)
-        pbar.set_description(description)
+        close()
+        bars.append(progress_bar(total, description))
 
-    return pbar, init, pbar.update, pbar.close
+    def update(n=1):
+        if bars:
+            bars[-1].update(n)
+
+    def close():
+        while bars:
+            bars.pop().close()
+
+    return None, init, update, close
 
 
 # --- the encoder -----------------------------------------------------------------------------------------
