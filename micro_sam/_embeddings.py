@@ -157,8 +157,48 @@ def _create_array(group, name: str, shape, chunks):
 
 
 def _is_computed(array, index=None) -> bool:
-    data = array[index] if index is not None else array[...]
+    """Whether a cached slice / tile holds embeddings (False also for a chunk that cannot be read)."""
+    try:
+        data = array[index] if index is not None else array[...]
+    except Exception:  # noqa: BLE001 - a damaged chunk (zarr/numcodecs raise RuntimeError, ValueError, ...)
+        return False
     return bool(np.any(data))
+
+
+def _cache_location(array) -> str:
+    """'<cache folder>' of a zarr array, for messages (the array's own path if the store has no root)."""
+    root = getattr(getattr(array, "store", None), "root", None)
+    return repr(os.fspath(root)) if root is not None else repr(getattr(array, "name", "the embeddings"))
+
+
+def _damaged_cache_message(array, where: str, error) -> str:
+    return (f"The embedding cache {_cache_location(array)} is damaged: {where} cannot be read ({error}); a full "
+            "disk or an interrupted copy leaves caches like this. Delete the cache folder (or pass another "
+            "embedding path) and run again to recompute it.")
+
+
+def _read_complete(f, lazy_loading: bool):
+    """The features of a complete 2D / 3D cache, or None (with a warning) if part of it is damaged or missing.
+
+    A damaged chunk cannot be decompressed; a missing chunk reads as zeros, which an encoder never outputs.
+    """
+    import warnings
+
+    features = f["features"]
+    if lazy_loading:
+        return features
+    try:
+        data = features[...]
+        missing = [z for z in range(data.shape[0]) if not data[z].any()] if data.ndim == 5 else \
+            ([0] if not data.any() else [])
+        problem = f"the embeddings of slice(s) {missing} are missing" if missing else None
+    except Exception as error:  # noqa: BLE001 - decompression / decoding errors of a damaged chunk
+        data, problem = None, f"a chunk cannot be read ({error})"
+    if problem is None:
+        return data
+    warnings.warn(f"The embedding cache {_cache_location(f)} is damaged ({problem}); the affected embeddings "
+                  "are computed again and the cache is repaired.", stacklevel=4)
+    return None
 
 
 def _tiles_in_mask(mask, shape, tile_shape, halo, z=None) -> List[int]:
@@ -177,9 +217,10 @@ def _batches(items: Sequence, batch_size: int):
 
 def _compute_2d(predictor, input_, f, persistent, pbar_init, pbar_update):
     if persistent and "input_size" in f.attrs:
-        features = f["features"][...]
-        return {"features": features, "input_size": tuple(f.attrs["input_size"]),
-                "original_size": tuple(f.attrs["original_size"])}
+        features = _read_complete(f, lazy_loading=False)
+        if features is not None:
+            return {"features": features, "input_size": tuple(f.attrs["input_size"]),
+                    "original_size": tuple(f.attrs["original_size"])}
     pbar_init(1, "Compute Image Embeddings 2D")
     features, original_sizes, input_sizes = encode_images(predictor, [to_image(input_)])
     features = features.cpu().numpy()
@@ -194,9 +235,10 @@ def _compute_2d(predictor, input_, f, persistent, pbar_init, pbar_update):
 def _compute_3d(predictor, input_, f, persistent, lazy_loading, batch_size, pbar_init, pbar_update):
     n_slices = input_.shape[0]
     if persistent and "input_size" in f.attrs:
-        features = f["features"] if lazy_loading else f["features"][...]
-        return {"features": features, "input_size": tuple(f.attrs["input_size"]),
-                "original_size": tuple(f.attrs["original_size"])}
+        features = _read_complete(f, lazy_loading)
+        if features is not None:
+            return {"features": features, "input_size": tuple(f.attrs["input_size"]),
+                    "original_size": tuple(f.attrs["original_size"])}
     grid = int(predictor.model.image_encoder.img_size) // 16  # 64 for SAM's 1024 input
     shape, chunks = (n_slices, 1, 256, grid, grid), (1, 1, 256, grid, grid)
     if persistent:
@@ -380,11 +422,17 @@ def set_precomputed(predictor, image_embeddings: ImageEmbeddings, i: Optional[in
             raise ValueError(f"The embeddings are 3D ({features.shape[0]} slices): pass the slice index i.")
         if not 0 <= int(i) < features.shape[0]:
             raise ValueError(f"Slice index i={i} is out of range for embeddings of {features.shape[0]} slices.")
-        data = features[int(i)]
+    elif i is not None:
+        raise ValueError(f"The embeddings are 2D; the slice index i={i} must be None.")
+    if torch.is_tensor(features):
+        data = features[int(i)] if ndim == 5 else features
     else:
-        if i is not None:
-            raise ValueError(f"The embeddings are 2D; the slice index i={i} must be None.")
-        data = features[...] if not torch.is_tensor(features) else features
+        try:
+            data = features[int(i)] if ndim == 5 else features[...]
+        except Exception as error:  # noqa: BLE001 - a damaged chunk of a zarr cache (decompression error)
+            where = ("the embeddings" + (f" of slice {i}" if ndim == 5 else "")
+                     + ("" if tile_id is None else f" of tile {tile_id}"))
+            raise RuntimeError(_damaged_cache_message(features, where, error)) from None
     data = data if torch.is_tensor(data) else torch.from_numpy(np.asarray(data))
     if ndim == 5 and not data.any():
         where = "" if tile_id is None else f", tile {tile_id}"

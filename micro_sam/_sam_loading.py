@@ -92,8 +92,9 @@ def get_sam_model(
 
     if not isinstance(model_type, str) or model_type[:5] not in _registry._ARCHITECTURES:
         raise ValueError(
-            f"Invalid model_type {model_type!r}: it must start with one of {_registry._ARCHITECTURES}. "
-            f"Registered models: {', '.join(_registry.get_model_names())}."
+            f"Invalid model_type {model_type!r}: it must start with one of {', '.join(_registry._ARCHITECTURES)}. "
+            f"Registered models ({_registry.describe_model_names()}); the list is "
+            "micro_sam.util.get_model_names()."
         )
     if model_kwargs:
         raise NotImplementedError(f"Custom SAM construction parameters {sorted(model_kwargs)} are not supported.")

@@ -128,3 +128,26 @@ def test_tiled_progress_per_tile(tiny_predictor, stub_volume, capsys):
     embeddings = tiled_embeddings_with_ids(labels.shape[1:], *tiling)
     segmenter.initialize(labels[1], image_embeddings=embeddings, verbose=True)
     assert _bars(capsys.readouterr().err) == [("Initialize tiled instance segmentation with decoder", 4, 4)]
+
+
+def test_cli_output_order_and_quiet(vit_t_checkpoint, tmp_path, capsys):
+    """Progress and messages go to stderr, each on its own line; the result line goes to stdout, last."""
+    import tifffile
+
+    from micro_sam.automatic_segmentation import main
+
+    image = tmp_path / "image.tif"
+    tifffile.imwrite(image, np.random.default_rng(0).integers(0, 255, (48, 64), dtype="uint8"))
+    arguments = ["-i", str(image), "-m", "vit_t", "-c", str(vit_t_checkpoint), "-d", "cpu", "--points_per_side", "2"]
+    assert main(arguments + ["-o", str(tmp_path / "a.tif")]) == 0
+    captured = capsys.readouterr()
+    err = captured.err.splitlines()
+    assert err[0] == f"Loading the model vit_t from {vit_t_checkpoint}"
+    assert _bars("\n".join(err[1:])) == [("Compute Image Embeddings 2D", 1, 1),
+                                         ("Predict masks for point grid prompts", 1, 1)]
+    assert re.fullmatch(rf"{re.escape(str(image))} -> {re.escape(str(tmp_path / 'a.tif'))} \(\d+ objects, AMG\)\n",
+                        captured.out)
+    assert main(arguments + ["-o", str(tmp_path / "b.tif"), "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and captured.out.startswith(f"{image} -> ") and captured.out.count("\n") == 1
+    assert (tmp_path / "b.tif").exists()
