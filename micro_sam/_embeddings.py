@@ -81,12 +81,13 @@ def encode_images(predictor, images: Sequence[np.ndarray]):
     """
     import torch
 
+    from ._segment_anything import resize_longest_side
     from .models.precision import encoder_precision
 
     sam = predictor.model
     tensors, original_sizes, input_sizes = [], [], []
     for image in images:
-        resized = predictor.transform.apply_image(image)
+        resized = resize_longest_side(image, predictor.transform.target_length)  # = transform.apply_image
         tensor = torch.as_tensor(resized, device=predictor.device).permute(2, 0, 1).contiguous()[None]
         original_sizes.append(tuple(image.shape[:2]))
         input_sizes.append(tuple(tensor.shape[-2:]))

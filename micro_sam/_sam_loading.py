@@ -83,9 +83,8 @@ def get_sam_model(
     see :mod:`micro_sam.models.precision`. The ViT encoders always get the faster, equivalent attention of
     :func:`micro_sam.models.fast_attention.optimize_sam`.
     """
+    from . import _checkpoints, _segment_anything  # noqa: F401  (segment_anything without torchvision)
     from segment_anything import SamPredictor
-
-    from . import _checkpoints
     from .models.build_sam import sam_model_registry, skip_weight_init
     from .models.fast_attention import optimize_sam
     from .models.precision import resolve_precision, set_precision
