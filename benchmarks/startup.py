@@ -28,10 +28,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _run(command, env):
+def _run(command, env, cwd):
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    # (In a folder outside the checkouts: `python -c` puts the working directory before PYTHONPATH.)
+    result = subprocess.run(command, env=env, capture_output=True, text=True, cwd=cwd)
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if result.returncode != 0:
@@ -40,10 +41,24 @@ def _run(command, env):
     return wall, cpu, result.stdout
 
 
-def _measure(command, env, repeat):
-    _run(command, env)  # warm-up
-    runs = [_run(command, env)[:2] for _ in range(repeat)]
+def _measure(command, env, repeat, cwd):
+    _run(command, env, cwd)  # warm-up
+    runs = [_run(command, env, cwd)[:2] for _ in range(repeat)]
     return statistics.median(w for w, _ in runs), statistics.median(c for _, c in runs)
+
+
+# Runs the README command in this process and prints the unneeded packages it imported.
+_IMPORTS_SCRIPT = """
+import runpy, sys
+sys.argv = ["micro_sam.automatic_segmentation", "-i", "{sample}", "-o", "{out}", "-m", "vit_t_demo", "--overwrite"]
+try:
+    runpy.run_module("micro_sam.automatic_segmentation", run_name="__main__")
+except SystemExit:
+    pass
+unneeded = {{"torchvision", "torch_em", "tensorboard", "elf", "sklearn"}}
+found = {{name.split(".")[0] for name in sys.modules if name.split(".")[0] in unneeded}}
+print(sorted(found | ({{"torch._dynamo"}} & set(sys.modules))))
+"""
 
 
 def main():
@@ -59,8 +74,8 @@ def main():
     checkpoint = tmp / "vit_b_random.pt"
     subprocess.run([args.python, "-c", "import torch; from segment_anything import sam_model_registry; "
                     f"torch.manual_seed(0); torch.save(sam_model_registry['vit_b']().state_dict(), '{checkpoint}')"],
-                   env=env, check=True)
-    sample = _run([args.python, "-m", "micro_sam.sample_data"], env)[2].strip()
+                   env=env, check=True, cwd=tmp)
+    sample = _run([args.python, "-m", "micro_sam.sample_data"], env, tmp)[2].strip()
     rows = {
         "help": [args.python, "-m", "micro_sam.automatic_segmentation", "--help"],
         "load_vit_b": [args.python, "-c", "from micro_sam.util import get_sam_model; "
@@ -72,21 +87,16 @@ def main():
     print("| row | this package: wall s (cpu s) | micro_sam 1.8: wall s (cpu s) |")
     print("|---|---|---|")
     for name, command in rows.items():
-        ours = _measure(command, env, args.repeat)
+        ours = _measure(command, env, args.repeat, tmp)
         theirs = "-"
         if args.reference is not None and name != "readme_command":
             reference = [args.reference] + command[1:]
-            wall, cpu = _measure(reference, {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, args.repeat)
+            environment = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+            wall, cpu = _measure(reference, environment, args.repeat, tmp)
             theirs = f"{wall:.2f} ({cpu:.2f})"
         print(f"| {name} | {ours[0]:.2f} ({ours[1]:.2f}) | {theirs} |", flush=True)
-    code = ("import sys, runpy; sys.argv = ['micro_sam.automatic_segmentation', '-i', %r, '-o', %r, '-m', "
-            "'vit_t_demo', '--overwrite']\ntry:\n    runpy.run_module('micro_sam.automatic_segmentation', "
-            "run_name='__main__')\nexcept SystemExit:\n    pass\nprint(sorted({m for m in sys.modules if m.split('.')[0] "
-            "in ('torchvision', 'torch_em', 'tensorboard', 'elf', 'sklearn')} | ({'torch._dynamo'} & set(sys.modules))"
-            "))") % (sample, str(tmp / "imports.tif"))
-    imported = _run([args.python, "-c", code], env)[2].strip().splitlines()[-1]
-    top = sorted({name.split(".")[0] if not name.startswith("torch._dynamo") else "torch._dynamo"
-                  for name in eval(imported)})
+    code = _IMPORTS_SCRIPT.format(sample=sample, out=tmp / "imports.tif")
+    top = _run([args.python, "-c", code], env, tmp)[2].strip().splitlines()[-1]
     print(f"imported by the README command but not needed for inference: {top}")
     print(f"load: {os.getloadavg()}")
 
