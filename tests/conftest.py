@@ -66,3 +66,31 @@ def vit_t_predictor(vit_t_checkpoint):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def executed_notebooks(tmp_path_factory):
+    """The notebooks of notebooks/, executed once per test session, all at once (see scripts/build_docs.py).
+
+    Returns ``{name: (executed notebook, error or None, working directory)}``; the notebook test checks them and
+    the documentation test builds the site from them, so that CI runs each notebook once. Everything is offline:
+    the micro_sam cache and temporary files are in the session's temporary folder.
+    """
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    sys.path.insert(0, str(root / "scripts"))
+    try:
+        from build_docs import execute_notebooks
+    finally:
+        sys.path.remove(str(root / "scripts"))
+    base = tmp_path_factory.mktemp("notebooks")
+    (base / "tmp").mkdir()
+    paths = sorted((root / "notebooks").glob("*.ipynb"))
+    notebooks, errors = execute_notebooks(
+        paths, workdir=base / "work", timeout=300,
+        environment={"MICROSAM_CACHEDIR": str(base / "cache"), "TMPDIR": str(base / "tmp")},
+    )
+    return {path.name: (notebook, error, base / "work" / path.stem)
+            for path, notebook, error in zip(paths, notebooks, errors)}
