@@ -1,7 +1,21 @@
 """Shared fixtures: small SAM models built in the tests, saved in the checkpoint formats micro_sam reads."""
+import os
+
 import numpy as np
 import pytest
 import torch
+
+# Under pytest-xdist (the README's test command runs `-n 2`) the workers share the CPU cores: each gets its share
+# of torch threads, so that no OpenMP threads spin against each other (on 2 cores: one thread per worker).
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    torch.set_num_threads(_threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(_threads))  # for subprocesses
+
+
+def pytest_collection_modifyitems(items):
+    """Start the notebooks first: they are the longest unit of work (under xdist, one worker runs them)."""
+    items.sort(key=lambda item: item.get_closest_marker("xdist_group") is None)
 
 
 def make_tiny_sam(seed: int = 0):

@@ -62,6 +62,7 @@ def test_page_order_and_addresses():
     assert build_docs.page_url(Path("docs/tracking.md")) == "tracking.html"
 
 
+@pytest.mark.xdist_group("notebooks")  # on the worker that executed the notebooks
 def test_site_builds_without_warnings(executed_notebooks, tmp_path):
     """The site from docs/*.md, the notebooks the notebook test executed, and the API reference of every module."""
     executed = tmp_path / "executed"

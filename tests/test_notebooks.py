@@ -45,6 +45,7 @@ def _stream_text(notebook) -> str:
     )
 
 
+@pytest.mark.xdist_group("notebooks")  # with the documentation build, which reuses the executed notebooks
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[path.stem for path in NOTEBOOKS])
 def test_notebook_runs(path, executed_notebooks, tmp_path):
     # The notebooks run all at once in the session fixture `executed_notebooks` (conftest.py), offline, with one
