@@ -52,6 +52,7 @@ def get_client(scheduler=None, n_workers: Optional[int] = None, timeout: float =
         return
     if scheduler is not None:
         address = validate_scheduler_address(scheduler)
+        _probe(address, timeout)
         try:
             client = Client(address, timeout=timeout)
         except (OSError, TimeoutError) as error:
@@ -70,13 +71,28 @@ def get_client(scheduler=None, n_workers: Optional[int] = None, timeout: float =
         )
         client = Client(cluster)
     try:
-        if verbose and client.dashboard_link and (cluster is None or _has_bokeh()):
+        if verbose and "dashboard" in client.scheduler_info().get("services", {}):
             print(f"dask dashboard: {client.dashboard_link}")
         yield client
     finally:
         client.close()
         if cluster is not None:
             cluster.close()
+
+
+def _probe(address: str, timeout: float) -> None:
+    """Fail fast (not after the client's connection timeout) when nothing listens at a tcp address."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(address)
+    if parts.scheme not in ("tcp", "tls") or parts.port is None:
+        return
+    try:
+        socket.create_connection((parts.hostname, parts.port), timeout=timeout).close()
+    except OSError as error:
+        raise ValueError(f"The dask scheduler at {address} does not answer: {error}. Is it running, and reachable "
+                         "from here?") from None
 
 
 def _has_bokeh() -> bool:

@@ -43,9 +43,16 @@ def make_spec(model_type: str, checkpoint, device, segmentation_mode, tile_shape
         if model_type not in util.get_model_names():
             raise ValueError(f"Unknown model {model_type!r}; use one of {', '.join(util.get_model_names())} or "
                              "pass a checkpoint.")
-    return ModelSpec(model_type=model_type, checkpoint=checkpoint, device=device,
-                     segmentation_mode=None if mode == "auto" else mode, is_tiled=tile_shape is not None,
-                     segmenter_kwargs=_hashable(dict(segmenter_kwargs or {})), factory=segmenter_factory)
+    mode = None if mode == "auto" else mode
+    if mode is None and segmenter_factory is None and checkpoint is None:
+        from .. import _registry
+        from ..instance_segmentation import DEFAULT_SEGMENTATION_MODE_WITH_DECODER
+
+        entry = _registry.get_entry(model_type)  # bundled models come with their decoder
+        has_decoder = _registry.decoder_entry(model_type) is not None or entry.bundled_file is not None
+        mode = DEFAULT_SEGMENTATION_MODE_WITH_DECODER if has_decoder else "amg"
+    return ModelSpec(model_type=model_type, checkpoint=checkpoint, device=device, segmentation_mode=mode,
+                     is_tiled=tile_shape is not None, segmenter_kwargs=_hashable(dict(segmenter_kwargs or {})), factory=segmenter_factory)
 
 
 def validate_generate_kwargs(spec: ModelSpec, generate_kwargs: Dict[str, Any], ndim: int) -> None:
@@ -62,7 +69,7 @@ def validate_generate_kwargs(spec: ModelSpec, generate_kwargs: Dict[str, Any], n
     known = {"gap_closing", "min_z_extent", "with_background"} if ndim == 3 else set()
     for mode in modes:
         known |= set(_parameters(_segmenter_classes(mode, spec.is_tiled).generate))
-    known.discard("output_mode")
+    known -= {"output_mode", "segmentation", "tile_shape", "halo"}  # set by the run itself
     unknown = sorted(set(generate_kwargs) - known)
     if unknown:
         raise ValueError(f"Unknown segmentation argument(s) {unknown}; valid: {sorted(known)}.")

@@ -90,9 +90,9 @@ def load_model(spec: ModelSpec) -> _Loaded:
     return loaded
 
 
-def model_load_count() -> int:
-    """How many models this process has loaded (each worker should load each model once)."""
-    return int(sum(_LOADS.values()))
+def model_load_count(spec: Optional[ModelSpec] = None) -> int:
+    """How often this process has loaded the model of ``spec`` (or any model): once per worker and model."""
+    return int(_LOADS.get(spec, 0) if spec is not None else sum(_LOADS.values()))
 
 
 def _segment(spec: ModelSpec, image, ndim: int, tile_shape, halo, generate_kwargs) -> np.ndarray:

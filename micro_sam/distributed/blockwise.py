@@ -192,11 +192,11 @@ def segment_blockwise(
         if verbose:
             print(f"The blockwise segmentation {output_path!r} is complete already; nothing to do.")
         return zarr.open_array(os.path.join(output_path, output_key), mode="r")
-    ensure_block_arrays(output_path, _WORK, output_key, blocking,
-                        {_ATTRIBUTE: {"parameters": parameters, "complete": False}})
 
     generate_items = tuple(sorted(generate_kwargs.items()))
     with get_client(scheduler, n_workers, verbose=verbose) as client:
+        ensure_block_arrays(output_path, _WORK, output_key, blocking,
+                            {_ATTRIBUTE: {"parameters": parameters, "complete": False}})
         # 1. Segment the blocks that have no object count yet.
         todo = [b for b, n in enumerate(read_markers(output_path, _WORK, "n_objects")) if n < 0]
         if verbose and len(todo) < blocking.n_blocks:

@@ -15,13 +15,15 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 IMG_SIZE = 512
+CALLS = [0]      # decoder calls in this process (one per segmented tile or block)
 
 
 class _PackingEncoder(torch.nn.Module):
     img_size = IMG_SIZE
 
     def forward(self, x):
-        return F.pixel_unshuffle(x[:, :1], 16)  # (B, 256, 32, 32): the whole first channel
+        # (B, 256, 32, 32): the whole first channel, + 1 (all-zero embeddings mean "not computed" to micro_sam)
+        return F.pixel_unshuffle(x[:, :1], 16) + 1.0
 
 
 class OracleSam(torch.nn.Module):
@@ -60,13 +62,19 @@ def blob_maps(image: np.ndarray, threshold: float = 127.5) -> np.ndarray:
 class OracleDecoder(torch.nn.Module):
     encoder_img_size = IMG_SIZE
 
+    delay = 0.0
+
     def forward(self, features, input_size, original_size):
-        image = F.pixel_shuffle(features, 16)[:, :, :input_size[0], :input_size[1]]
+        import time
+
+        CALLS[0] += 1
+        time.sleep(self.delay)
+        image = F.pixel_shuffle(features - 1.0, 16)[:, :, :input_size[0], :input_size[1]]
         image = F.interpolate(image, tuple(original_size), mode="bilinear", align_corners=False)
         return torch.from_numpy(blob_maps(image[0, 0].numpy()))[None]
 
 
-def make_oracle(is_tiled: bool = False):
+def make_oracle(is_tiled: bool = False, delay: float = 0.0):
     """``segmenter_factory`` for ``micro_sam.distributed``: (predictor, AIS segmenter)."""
     from segment_anything import SamPredictor
 
@@ -75,9 +83,26 @@ def make_oracle(is_tiled: bool = False):
     predictor = SamPredictor(OracleSam())
     predictor.model_type, predictor.model_name, predictor._hash = "vit_b", "oracle", "xxh128:oracle"
     predictor.checkpoint_path = None
-    segmenter = get_instance_segmentation_generator(predictor, is_tiled=is_tiled, decoder=OracleDecoder(),
+    decoder = OracleDecoder()
+    decoder.delay = delay
+    segmenter = get_instance_segmentation_generator(predictor, is_tiled=is_tiled, decoder=decoder,
                                                     segmentation_mode="ais")
     return predictor, segmenter
+
+
+def make_slow_oracle(is_tiled: bool = False):
+    """The oracle taking 0.4 s more per block (to interrupt a run in the middle)."""
+    return make_oracle(is_tiled, delay=0.4)
+
+
+def decoder_calls() -> int:
+    """:data:`CALLS` of this process (run on the workers with ``client.run``)."""
+    return CALLS[0]
+
+
+def executing_tasks(dask_worker) -> int:
+    """Tasks running on a worker (``client.run(executing_tasks)``)."""
+    return dask_worker.state.executing_count
 
 
 def blob_image(shape, blobs, seed=0):
