@@ -11,8 +11,8 @@ is ``micro_sam.distributed_segmentation`` (see ``--help``). Needs the ``distribu
 (``pip install micro_sam[distributed]``): this package is the only part of micro_sam that imports
 ``dask.distributed``.
 """
-from ._stitching import stitch_blocks
+from ._stitching import iterate_blocks, stitch_blocks
 from .batch import segment_images
 from .blockwise import segment_blockwise
 
-__all__ = ["segment_images", "segment_blockwise", "stitch_blocks"]
+__all__ = ["segment_images", "segment_blockwise", "stitch_blocks", "iterate_blocks"]

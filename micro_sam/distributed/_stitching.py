@@ -23,7 +23,7 @@ import numpy as np
 
 from .. import _tiling
 
-__all__ = ["BlockLabels", "block_faces", "crop_block", "face_regions", "match_face", "merge_labels",
+__all__ = ["BlockLabels", "block_faces", "crop_block", "face_regions", "iterate_blocks", "match_face", "merge_labels",
            "stitch_blocks"]
 
 
@@ -42,6 +42,20 @@ class BlockLabels:
     inner: np.ndarray
     skirts: Dict[Tuple[int, int], np.ndarray]
     n_objects: int
+
+
+def iterate_blocks(shape: Sequence[int], block_shape: Sequence[int], halo: Sequence[int]) -> List[_tiling.Tile]:
+    """The blocks covering ``shape`` in C order, each with its ``inner`` and ``outer`` slices (one per axis).
+
+    Args:
+        shape: Spatial shape ((Y, X) or (Z, Y, X)).
+        block_shape: Block shape, one value per axis.
+        halo: Halo, one value per axis: the outer region is the inner one grown by it, clipped to the image.
+
+    Returns:
+        The blocks (``tile_id`` is the block id).
+    """
+    return list(_tiling.iterate_tiles(tuple(shape), tuple(block_shape), tuple(halo)))
 
 
 def block_faces(shape: Sequence[int], block_shape: Sequence[int]) -> List[Tuple[int, int, int]]:

@@ -236,3 +236,40 @@ def test_output_of_other_settings_is_refused(mosaic, undisturbed, dask_client, t
                                block_shape=(384, 448), block_halo=(32, 32), overwrite=True)
     assert labels.chunks == (384, 448)
     np.testing.assert_array_equal(labels[...] > 0, undisturbed > 0)
+
+
+def seam_split_objects(segmentation, reference, truth, block_shape):
+    """:func:`split_objects` restricted to the true objects that cross a block face."""
+    found, split = split_objects(segmentation, reference, truth)
+    crossing = set()
+    for axis, size in enumerate(block_shape):
+        for face in range(size, truth.shape[axis], size):
+            below = np.take(truth, face - 1, axis=axis)
+            above = np.take(truth, face, axis=axis)
+            crossing |= set(np.unique(below[(below == above) & (below > 0)]).tolist())
+    return [i for i in found if i in crossing], [i for i in split if i in crossing]
+
+
+@pytest.mark.slow
+def test_blockwise_4096_mosaic_with_the_bundled_model(dask_client, tmp_path):
+    """4096 x 4096 synthetic nuclei, the bundled model: blockwise (16 blocks of 1024 x 1024, tiled inside) vs the
+    single-process tiled run. No object that the tiled run finds whole is split at a seam; mSA within 0.01."""
+    from micro_sam.automatic_segmentation import automatic_instance_segmentation, get_predictor_and_segmenter
+    from micro_sam.evaluation.metrics import mean_segmentation_accuracy
+    from micro_sam.sample_data import synthetic_nuclei_2d
+
+    image, truth = synthetic_nuclei_2d(shape=(4096, 4096), seed=11)
+    path = str(tmp_path / "mosaic.zarr")
+    zarr.open_array(path, mode="w", shape=image.shape, chunks=(512, 512), dtype="uint8")[...] = image
+    block_shape, tiles = (1024, 1024), dict(tile_shape=(512, 512), halo=(64, 64))
+    labels = segment_blockwise(path, str(tmp_path / "labels.zarr"), model_type="vit_t_demo", device="cpu",
+                               block_shape=block_shape, block_halo=(64, 64), scheduler=dask_client, verbose=False,
+                               **tiles)[...]
+    predictor, segmenter = get_predictor_and_segmenter("vit_t_demo", device="cpu", is_tiled=True)
+    tiled = automatic_instance_segmentation(predictor, segmenter, image, verbose=False, **tiles)
+    crossing, split = seam_split_objects(labels, tiled, truth, block_shape)
+    msa_blockwise, msa_tiled = mean_segmentation_accuracy(labels, truth), mean_segmentation_accuracy(tiled, truth)
+    print(f"objects {truth.max()}, found whole by the tiled run and crossing a seam {len(crossing)}, split at a "
+          f"seam {len(split)}; mSA blockwise {msa_blockwise:.4f}, tiled {msa_tiled:.4f}")
+    assert len(crossing) > 50 and split == []
+    assert abs(msa_blockwise - msa_tiled) <= 0.01
