@@ -107,7 +107,8 @@ class N5Array:
             raise ValueError(f"The n5 chunk {path!r} has mode {mode}; only default chunks (mode 0) are supported.")
         dims = np.frombuffer(raw[4:4 + 4 * ndim], dtype=">u4")
         data = self._decompress(raw[4 + 4 * ndim:])
-        return np.frombuffer(data, dtype=self._stored_dtype)[:int(np.prod(dims))].reshape(tuple(int(d) for d in dims[::-1]))
+        values = np.frombuffer(data, dtype=self._stored_dtype)[:int(np.prod(dims))]
+        return values.reshape(tuple(int(d) for d in dims[::-1]))
 
     def __getitem__(self, index) -> np.ndarray:
         index = index if isinstance(index, tuple) else (index,)

@@ -52,7 +52,8 @@ def make_spec(model_type: str, checkpoint, device, segmentation_mode, tile_shape
         has_decoder = _registry.decoder_entry(model_type) is not None or entry.bundled_file is not None
         mode = DEFAULT_SEGMENTATION_MODE_WITH_DECODER if has_decoder else "amg"
     return ModelSpec(model_type=model_type, checkpoint=checkpoint, device=device, segmentation_mode=mode,
-                     is_tiled=tile_shape is not None, segmenter_kwargs=_hashable(dict(segmenter_kwargs or {})), factory=segmenter_factory)
+                     is_tiled=tile_shape is not None, segmenter_kwargs=_hashable(dict(segmenter_kwargs or {})),
+                     factory=segmenter_factory)
 
 
 def validate_generate_kwargs(spec: ModelSpec, generate_kwargs: Dict[str, Any], ndim: int) -> None:

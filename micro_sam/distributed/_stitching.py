@@ -132,6 +132,7 @@ def crop_block(outer_labels: np.ndarray, block: _tiling.Tile, shape: Sequence[in
     ids = ids[ids != 0]
 
     def renumber(labels: np.ndarray) -> np.ndarray:
+        """Ids of the inner region -> 1..n, all others -> 0."""
         position = np.searchsorted(ids, labels)
         position = np.minimum(position, max(len(ids) - 1, 0))
         found = (labels != 0) & (ids[position] == labels) if len(ids) else np.zeros(labels.shape, bool)

@@ -27,6 +27,7 @@ class _UsageError(ValueError):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
+        """Raise a one-line usage error instead of printing the usage and exiting."""
         raise _UsageError(f"{message} (see {self.prog} --help)")
 
 
