@@ -4,7 +4,10 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from typing import Iterator, Optional, Union
+from typing import TYPE_CHECKING, Iterator, Optional, Union
+
+if TYPE_CHECKING:
+    import distributed
 
 __all__ = ["get_client", "validate_scheduler_address"]
 
@@ -31,7 +34,7 @@ def _worker_threads(n_workers: int) -> int:
 
 @contextlib.contextmanager
 def get_client(scheduler=None, n_workers: Optional[int] = None, timeout: float = 10.0,
-               verbose: bool = True) -> Iterator["distributed.Client"]:  # noqa: F821
+               verbose: bool = True) -> Iterator["distributed.Client"]:
     """A dask client for the run, closed (with its cluster, if it started one) at the end.
 
     Args:
@@ -96,14 +99,12 @@ def _probe(address: str, timeout: float) -> None:
 
 
 def _has_bokeh() -> bool:
-    try:
-        import bokeh  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    import importlib.util
+
+    return importlib.util.find_spec("bokeh") is not None
 
 
-def client_or_none(scheduler) -> Union[None, str, "distributed.Client"]:  # noqa: F821
+def client_or_none(scheduler) -> Union[None, str, "distributed.Client"]:
     """``scheduler`` checked for its form (strings) without connecting."""
     if scheduler is None or not isinstance(scheduler, str):
         return scheduler

@@ -158,7 +158,6 @@ def segment_blockwise(
     """
     import zarr
 
-    from .._image import infer_ndim
     from ._io import open_input
 
     input_path, output_path = os.path.abspath(os.fspath(input_path)), os.path.abspath(os.fspath(output_path))
