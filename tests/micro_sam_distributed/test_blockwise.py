@@ -103,7 +103,7 @@ def test_blockwise_output_layout_and_rerun(mosaic, undisturbed, dask_client, tmp
     np.testing.assert_array_equal(again[...], undisturbed)
 
 
-def _wait_for_blocks(output, n, timeout=120):
+def _wait_for_blocks(output, n, timeout=900):
     start = time.time()
     while time.time() - start < timeout:
         try:
@@ -116,7 +116,7 @@ def _wait_for_blocks(output, n, timeout=120):
     raise TimeoutError(f"{n} blocks were not segmented within {timeout} s.")
 
 
-def _wait_until_idle(client, timeout=60):
+def _wait_until_idle(client, timeout=600):
     start = time.time()
     while sum(client.run(executing_tasks).values()) and time.time() - start < timeout:
         time.sleep(0.1)
@@ -159,7 +159,7 @@ def test_interrupted_client_resumes_only_missing_blocks(mosaic, undisturbed, das
         _wait_for_blocks(output, 2)
     finally:
         process.send_signal(signal.SIGINT)
-        _, stderr = process.communicate(timeout=60)
+        _, stderr = process.communicate(timeout=600)
     assert process.returncode != 0 and "KeyboardInterrupt" in stderr
     _wait_until_idle(dask_client)
     markers = zarr.open_array(f"{output}/_micro_sam_blockwise/n_objects", mode="r")[...]
