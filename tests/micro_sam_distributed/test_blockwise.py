@@ -138,7 +138,7 @@ def test_killed_worker_gives_the_same_result(mosaic, undisturbed, dask_client, t
     assert busy, "no worker is running a task"
     pid = dask_client.run(os.getpid, workers=busy[:1])[busy[0]]
     os.kill(pid, signal.SIGKILL)
-    thread.join(timeout=300)
+    thread.join(timeout=1800)
     assert not thread.is_alive()
     np.testing.assert_array_equal(result["labels"], undisturbed)
     assert pid not in dask_client.run(os.getpid).values()       # the worker was replaced
