@@ -121,3 +121,16 @@ def test_batch_bad_input(image_folder, tmp_path):
         segment_images(folder, tmp_path / "out", scheduler="tcp://host with space:1", segmenter_factory=make_oracle)
     with pytest.raises(ValueError, match="does not answer"):
         segment_images(folder, tmp_path / "out", **kwargs)
+
+
+def test_batch_on_its_own_local_cluster(image_folder, tmp_path, capsys):
+    """Without a scheduler a LocalCluster on 127.0.0.1 is started (and closed), with the dashboard link."""
+    folder, truths = image_folder
+    outputs = segment_images(folder / "image_0.tif", tmp_path / "labels", n_workers=1, segmenter_factory=make_oracle)
+    out = capsys.readouterr()
+    assert "dask dashboard: http://127.0.0.1:" in out.out and "Segment images" in out.err
+    image, truth = truths["image_0"]
+    labels = tifffile.imread(outputs[0])
+    assert labels.max() == truth.max()
+    with pytest.raises(ValueError, match="n_workers"):
+        segment_images(folder / "image_1.tif", tmp_path / "labels", n_workers=0, segmenter_factory=make_oracle)
