@@ -35,6 +35,16 @@ def _centres(labels, n, z=None):
     return [np.array(centres[i], dtype=float) for i in ids[np.argsort(counts)[::-1]][:n]]
 
 
+def _show(viewer):
+    """Show the window at 1400 x 900 (napari restores its saved geometry when shown: resize afterwards)."""
+    from qtpy.QtWidgets import QApplication
+
+    viewer.window.show()
+    viewer.window._qt_window.resize(1400, 900)
+    for _ in range(5):
+        QApplication.processEvents()
+
+
 def _shot(viewer, path, width=None):
     from qtpy.QtWidgets import QApplication
 
@@ -66,8 +76,7 @@ def main():
 
     image, labels = tifffile.imread(sample_image_path()), tifffile.imread(sample_labels_path())
     viewer = annotator_2d(image, model_type="vit_t_demo", return_viewer=True)
-    viewer.window.resize(1400, 900)
-    viewer.window.show()
+    _show(viewer)
     for centre in _centres(labels, 12):
         viewer.layers["point_prompts"].add(centre)
         _press(viewer, "s")
@@ -82,8 +91,7 @@ def main():
 
     volume, volume_labels = synthetic_nuclei_3d((8, 384, 384), seed=1)
     viewer = annotator_3d(volume, model_type="vit_t_demo", return_viewer=True)
-    viewer.window.resize(1400, 900)
-    viewer.window.show()
+    _show(viewer)
     tool = viewer.window.dock_widgets["Annotator3d"]
     z = 4
     viewer.dims.set_point(0, z)
@@ -99,8 +107,7 @@ def main():
     tifffile.imwrite(os.path.join(folder, "b.tif"), image[::-1])
     viewer = image_folder_annotator(folder, os.path.join(args.output, "series_out"), model_type="vit_t_demo",
                                     viewer=napari.Viewer(), return_viewer=True, skip_segmented=False)
-    viewer.window.resize(1400, 900)
-    viewer.window.show()
+    _show(viewer)
     tool = viewer.window.dock_widgets["Annotator2d"]
     for centre in _centres(labels, 3):  # a.tif: three nuclei committed, then on to b.tif (a.tif is saved)
         viewer.layers["point_prompts"].add(centre)
