@@ -27,8 +27,17 @@ from .instance_segmentation import (
     InstanceSegmentationWithDecoder, TiledAutomaticMaskGenerator, TiledAutomaticPromptGenerator,
     TiledInstanceSegmentationWithDecoder, get_decoder, get_instance_segmentation_generator,
 )
+from ._lazy import lazy_attributes
 
 __all__ = ["get_predictor_and_segmenter", "automatic_instance_segmentation", "automatic_tracking", "main"]
+
+
+# Names micro_sam 1.8 exposes here (imported there from other modules), resolved on first use.
+__getattr__, __dir__ = lazy_attributes(globals(), {
+    "automatic_3d_segmentation": "micro_sam.multi_dimensional_segmentation:automatic_3d_segmentation",
+    "split_kwargs": "torch_em.data.datasets.util:split_kwargs",
+    "tqdm": "tqdm:tqdm",
+})
 
 _IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 _TILED_CLASSES = (TiledAutomaticMaskGenerator, TiledInstanceSegmentationWithDecoder)  # (APG: a subclass)
