@@ -63,7 +63,7 @@ PENDING = {
     "micro_sam.bioimageio": "issue 22", "micro_sam.bioimageio.bioengine_export": "issue 22",
     "micro_sam.bioimageio.model_export": "issue 22", "micro_sam.bioimageio.predictor_adaptor": "issue 22",
     "micro_sam.evaluation.benchmark_datasets": "issue 22", "micro_sam.evaluation.livecell": "issue 22",
-    "micro_sam.evaluation.multi_dimensional_segmentation": "issue 22",
+
 }
 
 MODULES = sorted(name for name in REFERENCE["modules"] if not name.startswith(EXCLUDED_MODULE_PREFIXES))
