@@ -60,8 +60,6 @@ PENDING = {
     "micro_sam.training.training:ClassicalSurgery": "issue 21 (PEFT)",
     "micro_sam.util:export_custom_qlora_model": "issue 21 (PEFT)",
     # still being built on this branch (issue 22)
-    "micro_sam.bioimageio": "issue 22", "micro_sam.bioimageio.bioengine_export": "issue 22",
-    "micro_sam.bioimageio.model_export": "issue 22", "micro_sam.bioimageio.predictor_adaptor": "issue 22",
     "micro_sam.evaluation.benchmark_datasets": "issue 22", "micro_sam.evaluation.livecell": "issue 22",
 
 }
