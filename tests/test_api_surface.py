@@ -59,8 +59,6 @@ PENDING = {
     "micro_sam.training.semantic_sam_trainer": "issue 21 (semantic SAM training)",
     "micro_sam.training.training:ClassicalSurgery": "issue 21 (PEFT)",
     "micro_sam.util:export_custom_qlora_model": "issue 21 (PEFT)",
-    # still being built on this branch (issue 22)
-    "micro_sam.evaluation.benchmark_datasets": "issue 22", "micro_sam.evaluation.livecell": "issue 22",
 
 }
 
