@@ -86,6 +86,7 @@ class SamEncoderForOnnx(nn.Module):
         self.size = int(sam.image_encoder.img_size)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """(1, 3, h, w) resized image, values 0..255 -> (1, 256, G, G) embeddings."""
         x = (image - self.sam.pixel_mean) / self.sam.pixel_std
         h, w = x.shape[-2:]
         x = F.pad(x, (0, self.size - w, 0, self.size - h))

@@ -15,7 +15,7 @@ import os
 import shutil
 import time
 from glob import glob
-from typing import Dict, List, Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import numpy as np
 

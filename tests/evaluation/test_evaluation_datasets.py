@@ -183,3 +183,29 @@ def test_torch_em_download_table_matches_torch_em():
         inspect.signature(getattr(mod, data_fn)).bind(path="x", download=True, **data_kwargs)
         inspect.signature(getattr(mod, paths_fn)).bind(path="x", **paths_kwargs)
     assert set(benchmark_datasets.supported_datasets()) >= {"covid_if", "organoidnet", "ifnuclei", "livecell"}
+
+
+@pytest.mark.slow
+def test_benchmark_end_to_end_automatic_on_synthetic_nuclei(tmp_path, monkeypatch):
+    from micro_sam.sample_data import synthetic_nuclei_2d
+
+    served = tmp_path / "served"
+    served.mkdir()
+    with zipfile.ZipFile(served / "data.zip", "w") as archive:
+        for seed in range(2):
+            image, labels = synthetic_nuclei_2d(seed=seed)
+            buffer = io.BytesIO()
+            with h5py.File(buffer, "w") as f:
+                f["raw/image"], f["labels/cells"] = image, labels
+            archive.writestr(f"sample_{seed}.h5", buffer.getvalue())
+    monkeypatch.setattr(pooch.get_logger(), "disabled", True)
+    with serve_directory(served) as (url, _):
+        entry = _datasets.DatasetEntry("fake_nuclei", 2, f"{url}/data.zip", _sha256(served / "data.zip"), "zip",
+                                       "*.h5", "*.h5", "raw/image", "labels/cells")
+        monkeypatch.setattr(_datasets, "load_registry", lambda: {"fake_nuclei": entry})
+        benchmark_datasets.run_benchmark_evaluations(tmp_path / "data", "fake_nuclei", model_type="vit_t_demo",
+                                                     output_folder=tmp_path / "out", evaluation_methods="automatic",
+                                                     device="cpu", verbose=False)
+    results = pd.read_csv(tmp_path / "out" / "fake_nuclei" / "results" / "ais_2d.csv")
+    assert results["mSA"][0] > 0.5  # the bundled model segments the synthetic nuclei
+    assert not (tmp_path / "data" / "fake_nuclei" / "roi_2d").exists()  # crops removed (retain=None)
