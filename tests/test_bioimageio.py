@@ -38,42 +38,26 @@ def no_network(monkeypatch):
 
 @pytest.fixture(scope="module")
 def demo():
-    from micro_sam.util import get_sam_model
+    """The bundled model, a non-square test image, its labels and the library's embeddings of it."""
+    from micro_sam.util import get_sam_model, precompute_image_embeddings
 
     image, labels = synthetic_nuclei_2d(seed=0)
-    return get_sam_model("vit_t_demo", device="cpu"), image[:, :400], labels[:, :400]  # not square
+    image, labels = image[:, :400], labels[:, :400]
+    predictor = get_sam_model("vit_t_demo", device="cpu")
+    return predictor, image, labels, precompute_image_embeddings(predictor, image, verbose=False)
 
 
 def _iou(a, b):
     return (a & b).sum() / max((a | b).sum(), 1)
 
 
-def test_onnx_models_give_the_library_masks(demo, tmp_path):
-    import onnxruntime as ort
-
-    from micro_sam._image import to_image
-    from micro_sam.prompt_based_segmentation import segment_from_box, segment_from_points
-    from micro_sam.util import precompute_image_embeddings
-
-    predictor, image, labels = demo
-    export_bioengine_model("vit_t_demo", tmp_path, opset=17, encoder_backend="onnx")
-    assert sorted(os.listdir(tmp_path)) == ["sam-vit_t_demo-decoder", "sam-vit_t_demo-encoder"]
-    for name in os.listdir(tmp_path):
-        assert sorted(os.listdir(tmp_path / name)) == ["1", "config.pbtxt"]
-        assert os.listdir(tmp_path / name / "1") == ["model.onnx"]
-        assert f'name: "{name}"' in (tmp_path / name / "config.pbtxt").read_text()
-
-    encoder = ort.InferenceSession(str(tmp_path / "sam-vit_t_demo-encoder" / "1" / "model.onnx"))
-    decoder = ort.InferenceSession(str(tmp_path / "sam-vit_t_demo-decoder" / "1" / "model.onnx"))
-    resized = predictor.transform.apply_image(to_image(image)).astype("float32").transpose(2, 0, 1)[None]
-    embeddings = encoder.run(None, {"image": resized})[0]
-    library = precompute_image_embeddings(predictor, image, verbose=False)
-    assert np.abs(embeddings - np.asarray(library["features"])).max() < 1e-3
+def _onnx_decoder_masks(session, predictor, image, embeddings):
+    """A function (points (x, y), labels) -> mask of the exported decoder, for ``image``'s embeddings."""
     grid = embeddings.shape[-1]
 
-    def onnx_mask(points_xy, point_labels):
+    def run(points_xy, point_labels):
         coords = predictor.transform.apply_coords(np.asarray(points_xy, "float64"), image.shape)
-        masks, scores, low_res = decoder.run(None, {
+        masks, scores, low_res = session.run(None, {
             "image_embeddings": embeddings, "point_coords": coords[None].astype("float32"),
             "point_labels": np.asarray(point_labels, "float32")[None],
             "mask_input": np.zeros((1, 1, 4 * grid, 4 * grid), "float32"), "has_mask_input": np.zeros(1, "float32"),
@@ -82,17 +66,59 @@ def test_onnx_models_give_the_library_masks(demo, tmp_path):
         assert masks.shape == (1, 1) + image.shape and low_res.shape == (1, 1, 4 * grid, 4 * grid)
         return masks[0, 0] > 0
 
+    return run
+
+
+def test_onnx_decoder_gives_the_library_masks(demo, tmp_path):
+    import onnxruntime as ort
+
+    from micro_sam.prompt_based_segmentation import segment_from_box, segment_from_points
+
+    predictor, image, labels, library = demo
+    folder = export_onnx_model("vit_t_demo", tmp_path, opset=17)
+    assert sorted(os.listdir(folder)) == ["1", "config.pbtxt"] and os.listdir(os.path.join(folder, "1")) == [
+        "model.onnx"]
+    assert 'name: "sam-vit_t_demo-decoder"' in open(os.path.join(folder, "config.pbtxt")).read()
+    session = ort.InferenceSession(os.path.join(folder, "1", "model.onnx"))
+    onnx_mask = _onnx_decoder_masks(session, predictor, image, np.asarray(library["features"]))
     ious = []
     for label in np.unique(labels)[1:9]:
         ys, xs = np.nonzero(labels == label)
         box = np.array([ys.min(), xs.min(), ys.max() + 1, xs.max() + 1])  # [y0, x0, y1, x1]
         expected = segment_from_box(predictor, box, image_embeddings=library)[0]
         ious.append(_iou(onnx_mask([[box[1], box[0]], [box[3], box[2]]], [2, 3]), expected))
+        assert expected.sum() > 0.5 * (labels == label).sum()  # the comparison is about real objects
         center = np.array([[ys[len(ys) // 2], xs[len(xs) // 2]]])  # one positive point: the ambiguous case
         expected = segment_from_points(predictor, center, np.array([1]), image_embeddings=library)[0]
         ious.append(_iou(onnx_mask([center[0, ::-1], [0, 0]], [1, -1]), expected))
-        assert expected.sum() > 0.5 * (labels == label).sum()  # the comparison is about real objects
+        inside, outside = center[0], (max(ys.min() - 3, 0), max(xs.min() - 3, 0))  # two points, no box
+        expected = segment_from_points(predictor, np.array([inside, outside]), np.array([1, 0]),
+                                       image_embeddings=library)[0]
+        ious.append(_iou(onnx_mask([inside[::-1], outside[::-1], [0, 0]], [1, 0, -1]), expected))
     assert min(ious) >= 0.99, ious
+
+
+@pytest.mark.slow
+def test_onnx_encoder_and_decoder_give_the_library_masks(demo, tmp_path):
+    import onnxruntime as ort
+
+    from micro_sam._image import to_image
+    from micro_sam.prompt_based_segmentation import segment_from_box
+
+    predictor, image, labels, library = demo
+    export_bioengine_model("vit_t_demo", tmp_path, opset=17, encoder_backend="onnx")
+    assert sorted(os.listdir(tmp_path)) == ["sam-vit_t_demo-decoder", "sam-vit_t_demo-encoder"]
+    encoder = ort.InferenceSession(str(tmp_path / "sam-vit_t_demo-encoder" / "1" / "model.onnx"))
+    decoder = ort.InferenceSession(str(tmp_path / "sam-vit_t_demo-decoder" / "1" / "model.onnx"))
+    resized = predictor.transform.apply_image(to_image(image)).astype("float32").transpose(2, 0, 1)[None]
+    embeddings = encoder.run(None, {"image": resized})[0]
+    assert np.abs(embeddings - np.asarray(library["features"])).max() < 1e-3
+    onnx_mask = _onnx_decoder_masks(decoder, predictor, image, embeddings)
+    for label in np.unique(labels)[1:6]:
+        ys, xs = np.nonzero(labels == label)
+        box = np.array([ys.min(), xs.min(), ys.max() + 1, xs.max() + 1])
+        expected = segment_from_box(predictor, box, image_embeddings=library)[0]
+        assert _iou(onnx_mask([[box[1], box[0]], [box[3], box[2]]], [2, 3]), expected) >= 0.99
 
 
 @pytest.mark.parametrize("opset", [13, 21, 16.5])
@@ -138,9 +164,8 @@ def test_predictor_adaptor_matches_the_library(demo):
     from micro_sam._image import to_image
     from micro_sam.bioimageio.predictor_adaptor import PredictorAdaptor, join_state
     from micro_sam.prompt_based_segmentation import segment_from_box
-    from micro_sam.util import precompute_image_embeddings
 
-    predictor, image, labels = demo
+    predictor, image, labels, embeddings = demo
     adaptor = PredictorAdaptor("vit_t", image_size=640)
     adaptor.load_state_dict(join_state(predictor.model.state_dict()))
     ids = np.unique(labels)[1:4]
@@ -148,7 +173,6 @@ def test_predictor_adaptor_matches_the_library(demo):
     for label in ids:
         ys, xs = np.nonzero(labels == label)
         boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])  # XYXY
-    embeddings = precompute_image_embeddings(predictor, image, verbose=False)
     expected = [segment_from_box(predictor, np.array([b[1], b[0], b[3], b[2]]), image_embeddings=embeddings)[0]
                 for b in boxes]
     tensor = torch.from_numpy(to_image(image).transpose(2, 0, 1)[None].copy())
@@ -239,10 +263,9 @@ def test_bioimageio_package_with_decoder_runs_instance_segmentation(tmp_path, no
 
 @pytest.mark.slow
 def test_torchscript_encoder_matches_the_library(demo, tmp_path):
-    from micro_sam.util import precompute_image_embeddings
     from micro_sam._image import to_image
 
-    predictor, image, _ = demo
+    predictor, image, _, library = demo
     folder = bioengine_export.export_image_encoder("vit_t_demo", tmp_path)
     assert "dims: [256, 40, 40]" in open(os.path.join(folder, "config.pbtxt")).read()
     encoder = torch.jit.load(os.path.join(folder, "1", "model.pt"))
@@ -250,5 +273,4 @@ def test_torchscript_encoder_matches_the_library(demo, tmp_path):
     x = predictor.model.preprocess(torch.from_numpy(resized).permute(2, 0, 1)[None].float())
     with torch.no_grad():
         features = encoder(x).numpy()
-    expected = np.asarray(precompute_image_embeddings(predictor, image, verbose=False)["features"])
-    assert np.abs(features - expected).max() < 1e-3
+    assert np.abs(features - np.asarray(library["features"])).max() < 1e-3

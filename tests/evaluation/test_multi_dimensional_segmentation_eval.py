@@ -79,6 +79,7 @@ def test_segment_slices_scores_and_min_size(setup, tmp_path, monkeypatch):
     ]))
 
 
+@pytest.mark.slow
 def test_min_size_skips_small_objects(setup, monkeypatch):
     volume, gt, predictor, embedding_path = setup
     # object 2 has radius 11 in its middle slice (z = 1): 373 pixels; object 1 has 797
