@@ -231,6 +231,15 @@ class ObjectClassifier(_AnnotatorBase):
         return {"embeddings": embeddings, "segmentation": Container(widgets=[segmentation]),
                 "train_and_predict": train, "classes": classes, "export_rf": export}
 
+    def showEvent(self, event) -> None:
+        """Let the dock widget grow vertically (napari 0.9 limits dock contents to their size hint otherwise)."""
+        from qtpy import QtWidgets
+
+        policy = self.sizePolicy()
+        policy.setVerticalPolicy(QtWidgets.QSizePolicy.Policy.Expanding)
+        self.setSizePolicy(policy)
+        super().showEvent(event)
+
     def require_layers(self) -> None:
         """Add the ``annotations`` and ``prediction`` layers if they are missing (e.g. deleted by the user)."""
         shape = self.state.image_shape or self._initial_shape()

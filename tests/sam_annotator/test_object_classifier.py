@@ -26,7 +26,9 @@ def _two_kinds(seed: int, shape=(256, 256)):
     classes, centers = {}, []
     kinds = [1, 2] * 6
     object_id = 0
-    while object_id < len(kinds):
+    for _ in range(10000):
+        if object_id == len(kinds):
+            break
         kind = kinds[object_id]
         radius = 14 if kind == 1 else 7
         cy, cx = rng.integers(20, shape[0] - 20), rng.integers(20, shape[1] - 20)
@@ -38,6 +40,7 @@ def _two_kinds(seed: int, shape=(256, 256)):
         segmentation[mask] = object_id
         image[mask] = rng.normal(200 if kind == 1 else 90, 5, size=mask.sum())
         classes[object_id] = kind
+    assert object_id == len(kinds), f"could not place {len(kinds)} objects in {shape}"
     return np.clip(image, 0, 255).astype("uint8"), segmentation, classes
 
 
@@ -166,3 +169,46 @@ def test_bad_input_fails_before_the_model_loads(monkeypatch, tmp_path):
         image_series_object_classifier([image, image], [np.zeros((64, 64), "uint32")], tmp_path / "o")
     with pytest.raises(ValueError, match="2D images or 3D volumes"):
         object_classifier(np.zeros((2, 2, 8, 8)), np.zeros((2, 2, 8, 8), "uint32"), return_viewer=True)
+
+
+def test_plugin_widget_in_a_viewer_without_embeddings(notifications):
+    """napari's plugin menu docks ObjectClassifier(viewer) next to open layers: the tool's layers get the image's
+    shape, only the user's label layers are offered as the segmentation, and training asks for embeddings."""
+    import napari
+
+    from micro_sam.sam_annotator.object_classifier import ObjectClassifier
+
+    image, segmentation, _ = _two_kinds(seed=4, shape=(200, 256))
+    viewer = napari.Viewer(show=False)
+    try:
+        viewer.add_image(image, name="cells")
+        viewer.add_labels(segmentation, name="nuclei")
+        tool = ObjectClassifier(viewer)
+        viewer.window.add_dock_widget(tool)
+        assert viewer.layers["annotations"].data.shape == viewer.layers["prediction"].data.shape == (200, 256)
+        assert [layer.name for layer in tool.segmentation_selection.choices] == ["nuclei"]
+        viewer.add_labels(np.zeros_like(segmentation), name="other")
+        assert [layer.name for layer in tool.segmentation_selection.choices] == ["nuclei", "other"]
+        assert tool.widgets["embeddings"].image.value is viewer.layers["cells"]
+        assert tool.widgets["train_and_predict"]() is None
+        assert any("embeddings are not computed" in text for _, text in notifications())
+        del viewer.layers["annotations"]  # deleted by the user: the tool adds it again when it needs it
+        tool.require_layers()
+        assert viewer.layers["annotations"].data.shape == (200, 256)
+    finally:
+        viewer.close()
+
+
+def test_public_names_match_micro_sam_1_8():
+    """object_classifier, image_series_object_classifier and ObjectClassifier have 1.8.14's parameters (the
+    module's other 1.8 names are its imports: magicgui / joblib / sklearn helpers)."""
+    import json
+
+    from _api_surface import compare_module
+
+    path = os.path.join(os.path.dirname(__file__), "..", "data", "micro_sam_1.8.14_api.json")
+    with open(path) as f:
+        entries = json.load(f)["modules"]["micro_sam.sam_annotator.object_classifier"]
+    public = {name: entries[name] for name in ("ObjectClassifier", "image_series_object_classifier",
+                                               "object_classifier")}
+    assert compare_module("micro_sam.sam_annotator.object_classifier", public) == []
