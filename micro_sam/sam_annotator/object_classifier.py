@@ -431,6 +431,7 @@ class _ClassifierSeries:
         return os.path.join(self.output_folder, name + ".tif")
 
     def embedding_path(self, i: int):
+        """The embedding cache (or precomputed embeddings) of image ``i``, if given."""
         return None if self.embedding_paths is None else self.embedding_paths[i]
 
     def _save(self, i, prediction, features, labels) -> None:
@@ -495,6 +496,7 @@ class _ClassifierSeries:
         return tool.tasks.run(work, "Save and open the next image", on_returned=done)
 
     def status(self) -> str:
+        """The position in the series, as shown in the series widget."""
         return f"image {self.index + 1} / {len(self.images)}"
 
     def attach(self, tool) -> None:

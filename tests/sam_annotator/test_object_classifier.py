@@ -98,7 +98,7 @@ def test_a_few_annotations_classify_all_objects_and_export(cached_demo_model, tm
         # export (".npz" added), load without pickle, same predictions as the tool's forest
         written = tool.widgets["export_rf"](export_path=tmp_path / "classifier")
         assert written == str(tmp_path / "classifier.npz")
-        ids, features = tool.state.seg_ids, tool.state.object_features
+        features = tool.state.object_features
         loaded = oc.load_object_classifier(written)
         np.testing.assert_array_equal(loaded.predict(features), tool.state.object_rf.predict(features))
 
@@ -212,3 +212,35 @@ def test_public_names_match_micro_sam_1_8():
     public = {name: entries[name] for name in ("ObjectClassifier", "image_series_object_classifier",
                                                "object_classifier")}
     assert compare_module("micro_sam.sam_annotator.object_classifier", public) == []
+
+
+@pytest.mark.slow
+def test_volume_objects_are_classified(cached_demo_model):
+    """3D: objects through 3 slices (large bright = class 1, small dim = class 2), one to two annotated per class."""
+    import napari
+
+    rng = np.random.default_rng(0)
+    volume = rng.normal(20, 3, (3, 128, 128))
+    segmentation = np.zeros((3, 128, 128), "uint32")
+    yy, xx = np.mgrid[:128, :128]
+    classes = {}
+    for cy in (30, 95):
+        for cx in (25, 64, 103):
+            object_id = len(classes) + 1
+            classes[object_id] = 1 if object_id % 2 else 2
+            mask = np.hypot(yy - cy, xx - cx) <= (14 if classes[object_id] == 1 else 7)
+            segmentation[:, mask] = object_id
+            volume[:, mask] = 200 if classes[object_id] == 1 else 90
+    viewer = object_classifier(volume.clip(0, 255).astype("uint8"), segmentation, model_type="vit_t_demo",
+                               device="cpu", return_viewer=True, viewer=napari.Viewer(show=False))
+    try:
+        tool = _tool(viewer)
+        assert tool.state.ndim == 3
+        for object_id in (1, 2, 3):
+            z, y, x = (int(np.median(a)) for a in np.nonzero(segmentation == object_id))
+            viewer.layers["annotations"].paint((z, y, x), classes[object_id])
+        tool.widgets["train_and_predict"]()
+        wait_for(tool)
+        np.testing.assert_array_equal(viewer.layers["prediction"].data, _expected(segmentation, classes))
+    finally:
+        viewer.close()
