@@ -3,8 +3,9 @@
     xvfb-run -a -s "-screen 0 1600x1000x24" python scripts/annotator_screenshots.py OUTPUT [--readme PNG]
 
 Writes annotator_2d.png (the bundled sample, nuclei segmented from clicks and committed, one more object in
-current_object), annotator_3d.png (an object propagated through a synthetic stack) and image_series.png to
-OUTPUT_FOLDER; with --readme also a smaller copy of the 2D screenshot for the documentation.
+current_object), annotator_3d.png (an object propagated through a synthetic stack) and image_series.png (the
+second image of a folder, after the first was annotated and saved) to OUTPUT_FOLDER; with --readme also a
+smaller copy of the 2D screenshot for the documentation.
 """
 import argparse
 import os
@@ -99,6 +100,20 @@ def main():
     viewer = image_folder_annotator(folder, os.path.join(args.output, "series_out"), model_type="vit_t_demo",
                                     viewer=napari.Viewer(), return_viewer=True, skip_segmented=False)
     viewer.window.resize(1400, 900)
+    viewer.window.show()
+    tool = viewer.window.dock_widgets["Annotator2d"]
+    for centre in _centres(labels, 3):  # a.tif: three nuclei committed, then on to b.tif (a.tif is saved)
+        viewer.layers["point_prompts"].add(centre)
+        _press(viewer, "s")
+        _press(viewer, "c")
+    _press(viewer, "n")
+    tool.tasks.wait(600000)
+    for centre in _centres(labels[::-1], 2):  # b.tif: two nuclei committed, one more in current_object
+        viewer.layers["point_prompts"].add(centre)
+        _press(viewer, "s")
+        _press(viewer, "c")
+    viewer.layers["point_prompts"].add(_centres(labels[::-1], 3)[-1])
+    _press(viewer, "s")
     _shot(viewer, os.path.join(args.output, "image_series.png"))
     viewer.close()
 
