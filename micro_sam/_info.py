@@ -6,7 +6,6 @@ on which devices, where models are cached, which models exist and which of them 
 """
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import sys
@@ -177,9 +176,10 @@ def download_models(names: Sequence[str], verbose: bool = True) -> None:
             _registry.fetch(decoder.name, progress_bar=verbose)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    """Command line entry point ``micro_sam.info``."""
-    parser = argparse.ArgumentParser(
+def _main(argv: Optional[List[str]] = None) -> int:
+    from . import _cli
+
+    parser = _cli.ArgumentParser(
         prog="micro_sam.info",
         description="Show the micro_sam version, the devices, the cache directory and the available models.",
     )
@@ -193,16 +193,23 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         to_download = _models_to_download(args.download) if args.download else []
     except ValueError as error:
-        parser.error(str(error))
+        raise _cli.UsageError(str(error)) from None
     print_info()
     if to_download:
         try:
             download_models(to_download, verbose=not args.quiet)
         except (OSError, ValueError) as error:  # network errors (requests' are OSErrors), hash mismatches
-            print(f"micro_sam.info: error: the download failed: {error}", file=sys.stderr)
-            return 1
+            raise _cli.CommandError(f"the download failed: {error}") from None
         print(f"Downloaded {len(to_download)} model(s) into {_registry.get_cache_directory()}.")
     return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Command line entry point ``micro_sam.info``: one line on stderr and exit code 2 for invalid arguments, 1
+    for a failed download."""
+    from . import _cli
+
+    return _cli.run_main(_main, argv, prog="micro_sam.info")
 
 
 if __name__ == "__main__":

@@ -402,12 +402,18 @@ def run_benchmark_evaluations(
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Command line entry point ``micro_sam.benchmark_sam``."""
-    import argparse
+    """Command line entry point ``micro_sam.benchmark_sam``: invalid choices give one line on stderr and exit
+    code 2 before anything is downloaded; failures one line and exit code 1."""
+    from .. import _cli
 
+    return _cli.run_main(_main, argv, prog="micro_sam.benchmark_sam")
+
+
+def _main(argv: Optional[List[str]] = None) -> int:
+    from .. import _cli
     from ..util import get_model_names
 
-    parser = argparse.ArgumentParser(prog="micro_sam.benchmark_sam",
+    parser = _cli.ArgumentParser(prog="micro_sam.benchmark_sam",
                                      description="Benchmark Segment Anything models on microscopy data sets.")
     parser.add_argument("-i", "--input_folder", required=True, help="Folder for the (downloaded) data sets.")
     parser.add_argument("-m", "--model_type", default="vit_b_lm",
@@ -427,7 +433,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         _validate(args.dataset_choice or None, args.evaluate, args.retain, args.output_folder)
     except ValueError as error:
-        parser.error(str(error))
+        raise _cli.UsageError(str(error)) from None
     run_benchmark_evaluations(
         args.input_folder, args.dataset_choice or None, model_type=args.model_type,
         output_folder=args.output_folder, checkpoint_path=args.checkpoint_path,

@@ -216,11 +216,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Command line entry point ``micro_sam.evaluate``: score predicted label images against ground truth.
 
     Prints the mean segmentation accuracy (mSA, SA50, SA75), precision, recall and F1 averaged over the images
-    and optionally stores them as csv. Label and prediction files are matched in (natural) sort order.
+    and optionally stores them as csv. Label and prediction files are matched in (natural) sort order. Invalid
+    inputs give one line on stderr and exit code 2.
     """
-    import argparse
+    from .. import _cli
 
-    parser = argparse.ArgumentParser(
+    return _cli.run_main(_main, argv, prog="micro_sam.evaluate")
+
+
+def _main(argv: Optional[List[str]] = None) -> int:
+    from .. import _cli
+
+    parser = _cli.ArgumentParser(
         prog="micro_sam.evaluate",
         description="Evaluate instance segmentations (label images) against ground-truth labels.",
     )
@@ -255,7 +262,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         results = run_evaluation(labels, predictions, save_path=save_path, verbose=args.verbose,
                                  thresholds=args.threshold)
     except (ValueError, FileNotFoundError) as error:
-        parser.error(str(error))
+        raise _cli.UsageError(str(error)) from None
     print(results.to_string(index=False))
     if save_path is not None:
         print(f"Results stored in {os.path.abspath(save_path)!r}.")
