@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple, Un
 import numpy as np
 
 from . import _cli, util
+from ._lazy import lazy_attributes
 
 if TYPE_CHECKING:  # the segmenter classes import torch: imported where used, so that --help is fast
     from .instance_segmentation import AMGBase, InstanceSegmentationWithDecoder
@@ -29,6 +30,17 @@ if TYPE_CHECKING:  # the segmenter classes import torch: imported where used, so
 __all__ = ["get_predictor_and_segmenter", "automatic_instance_segmentation", "automatic_tracking", "main"]
 
 _PROG = "micro_sam.automatic_segmentation"
+
+# Names micro_sam 1.8 exposes here (imported there from other modules), resolved on first use.
+__getattr__, __dir__ = lazy_attributes(globals(), {
+    **{name: f"micro_sam.instance_segmentation:{name}" for name in (
+        "DEFAULT_SEGMENTATION_MODE_WITH_DECODER", "AMGBase", "AutomaticMaskGenerator", "AutomaticPromptGenerator",
+        "InstanceSegmentationWithDecoder", "TiledAutomaticMaskGenerator", "TiledAutomaticPromptGenerator",
+        "TiledInstanceSegmentationWithDecoder", "get_decoder", "get_instance_segmentation_generator")},
+    "automatic_3d_segmentation": "micro_sam.multi_dimensional_segmentation:automatic_3d_segmentation",
+    "split_kwargs": "torch_em.data.datasets.util:split_kwargs",
+    "tqdm": "tqdm:tqdm",
+})
 _IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
 

@@ -20,8 +20,18 @@ from . import _tiling
 from . import util
 from ._masks import relabel_consecutive
 from .models.fast_mask_decoder import predict_torch
+from ._lazy import lazy_attributes
+from ._mask_tensors import batched_mask_to_box
 
 __all__ = ["batched_inference", "batched_tiled_inference"]
+
+
+# Names micro_sam 1.8 exposes here (imported there from other modules), resolved on first use.
+__getattr__, __dir__ = lazy_attributes(globals(), {
+    "ResizeLongestSide": "segment_anything.utils.transforms:ResizeLongestSide",
+    "SamPredictor": "segment_anything:SamPredictor",
+    "tqdm": "tqdm:tqdm",
+})
 
 
 # --- validation ------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from scipy import ndimage
 
 from . import util
 from ._multicut import solve_multicut
+from ._lazy import lazy_attributes
 
 #: The projection modes of :func:`segment_mask_in_volume`.
 PROJECTION_MODES = ("box", "mask", "points", "points_and_mask", "single_point")
@@ -635,3 +636,14 @@ def get_napari_track_data(
         child: [parent] for lineage in lineages for parent, children in lineage.items() for child in children
     }
     return track_data, parent_graph
+
+
+# Names micro_sam 1.8 exposes here (imported there from other modules), resolved on first use.
+__getattr__, __dir__ = lazy_attributes(globals(), {
+    "AMGBase": "micro_sam.instance_segmentation:AMGBase",
+    "SamPredictor": "segment_anything:SamPredictor",
+    "segment_from_mask": "micro_sam.prompt_based_segmentation:segment_from_mask",
+    "binary_closing": "scipy.ndimage:binary_closing",
+    "regionprops": "skimage.measure:regionprops",
+    "tqdm": "tqdm:tqdm",
+})

@@ -17,11 +17,19 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union
 import numpy as np
 
 from . import util
+from ._lazy import lazy_attributes
 
 if TYPE_CHECKING:  # imports torch: imported where used, so that --help is fast
     from . import instance_segmentation
 
 __all__ = ["cache_amg_state", "cache_is_state", "precompute_state", "main"]
+
+
+# Names micro_sam 1.8 exposes here (imported there from other modules), resolved on first use.
+__getattr__, __dir__ = lazy_attributes(globals(), {
+    "SamPredictor": "segment_anything:SamPredictor",
+    "tqdm": "tqdm:tqdm",
+})
 
 _TABLE_KEYS = ("iou_preds", "stability_score", "boxes", "points", "areas", "mask_bits", "mask_offsets")
 

@@ -28,8 +28,18 @@ import torch
 from . import _tiling
 from ._embeddings import set_precomputed
 from .models.fast_mask_decoder import decode_prompts, upscale_masks
+from ._lazy import lazy_attributes
 
 __all__ = ["segment_from_box", "segment_from_box_and_points", "segment_from_mask", "segment_from_points"]
+
+
+# Names micro_sam 1.8 exposes here (imported there from other modules), resolved on first use.
+__getattr__, __dir__ = lazy_attributes(globals(), {
+    "ResizeLongestSide": "segment_anything.utils.transforms:ResizeLongestSide",
+    "SamPredictor": "segment_anything:SamPredictor",
+    "find_boundaries": "skimage.segmentation:find_boundaries",
+    "peak_local_max": "skimage.feature:peak_local_max",
+})
 
 _LOGIT_EPS = 1e-3  # mask prompts are +-log((1 - eps) / eps), i.e. sigmoid probabilities 0.999 / 0.001
 _MASK_PROMPT_SIZE = 256

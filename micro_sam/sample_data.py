@@ -35,6 +35,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from . import _synthetic
+from ._lazy import lazy_attributes
+from ._registry import get_cache_directory
 
 PathLike = Union[str, os.PathLike]
 Seed = Union[int, np.random.Generator, None]
@@ -621,3 +623,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+# Names micro_sam 1.8 exposes here (imported there from other modules), resolved on first use.
+__getattr__, __dir__ = lazy_attributes(globals(), {
+    "binary_blobs": "skimage.data:binary_blobs",
+    "resize": "skimage.transform:resize",
+})

@@ -20,17 +20,34 @@ from ._embeddings import ImageEmbeddings, handle_pbar
 from ._embeddings import precompute_image_embeddings as _precompute
 from ._embeddings import set_precomputed as _set_precomputed
 from ._image import to_image as _to_image
+from ._lazy import lazy_attributes
 from ._masks import apply_nms, mask_data_to_segmentation
 from ._registry import get_cache_directory
 from ._sam_loading import _DEFAULT_MODEL, compute_hash as _compute_hash
 from ._sam_loading import export_custom_sam_model, get_device, get_sam_model
 
 __all__ = [
-    "ImageEmbeddings", "apply_nms", "compute_iou", "export_custom_sam_model", "get_block_shape",
-    "get_cache_directory", "get_centers_and_bounding_boxes", "get_device", "get_model_names", "get_sam_model",
-    "handle_pbar", "load_image_data", "mask_data_to_segmentation", "microsam_cachedir", "models",
-    "precompute_image_embeddings", "segmentation_to_one_hot", "set_precomputed",
+    "ImageEmbeddings", "SamPredictor", "VIT_T_SUPPORT", "apply_nms", "compute_iou", "export_custom_sam_model",
+    "get_block_shape", "get_cache_directory", "get_centers_and_bounding_boxes", "get_device", "get_model_names",
+    "get_sam_model", "handle_pbar", "load_image_data", "mask_data_to_segmentation", "micro_sam_info",
+    "microsam_cachedir", "models", "precompute_image_embeddings", "sam_model_registry", "segmentation_to_one_hot",
+    "set_precomputed",
 ]
+
+VIT_T_SUPPORT = True
+"""Whether the ``vit_t`` (MobileSAM / TinyViT) models can be used: always, the architecture is built in
+(:mod:`micro_sam.models.tiny_vit`), no extra package is needed."""
+
+# Names that micro_sam 1.8 scripts import from here, resolved on first use so that importing this module stays
+# cheap (no torch, torchvision or scikit-image at import time).
+__getattr__, __dir__ = lazy_attributes(globals(), {
+    "SamPredictor": "segment_anything:SamPredictor",
+    "sam_model_registry": "micro_sam.models.build_sam:sam_model_registry",
+    "batched_nms": "torchvision.ops.boxes:batched_nms",
+    "find_boundaries": "skimage.segmentation:find_boundaries",
+    "regionprops": "skimage.measure:regionprops",
+    "tqdm": "tqdm:tqdm",
+})
 
 # The docstrings of the re-exported functions live here, where users look for them.
 get_sam_model.__doc__ = """Get a segment_anything ``SamPredictor`` for a registered model or a checkpoint file.
@@ -254,6 +271,18 @@ def segmentation_to_one_hot(segmentation: np.ndarray, segmentation_ids: Optional
             raise RuntimeError("segmentation_ids must be a non-empty list of object ids without 0.")
     masks = segmentation[None] == ids.reshape((-1,) + (1,) * segmentation.ndim)
     return torch.from_numpy(masks.astype("float32")).unsqueeze(1)
+
+
+def micro_sam_info() -> None:
+    """Print the micro_sam version, system, devices, package versions, cache directory and available models.
+
+    The models are grouped by family (bundled, original SAM, light / electron microscopy, ...) and marked
+    when they have an instance segmentation decoder or are already downloaded. The same report is printed by
+    the ``micro_sam.info`` command, which can also download models (``micro_sam.info --download models NAME``).
+    """
+    from ._info import print_info
+
+    print_info()
 
 
 def get_block_shape(shape: Tuple[int]) -> Tuple[int]:

@@ -15,6 +15,9 @@ from typing import Any, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from ._embeddings import ImageEmbeddings
+from ._lazy import lazy_attributes
+
 #
 # PCA of embeddings
 #
@@ -403,3 +406,9 @@ def save_overlay(
     overlay = overlay_segmentation(image, labels, alpha=alpha, boundaries=boundaries, seed=seed)
     imageio.imwrite(path, overlay)
     return path
+
+
+# Names micro_sam 1.8 exposes here (imported there from other modules), resolved on first use.
+__getattr__, __dir__ = lazy_attributes(globals(), {
+    "resize": "skimage.transform:resize",
+})

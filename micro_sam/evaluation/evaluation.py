@@ -17,9 +17,10 @@ import imageio.v3 as imageio
 from skimage.measure import label as connected_components
 from tqdm import tqdm
 
+from ..util import load_image_data
 from .metrics import mean_segmentation_accuracy, matching
 
-__all__ = ["run_evaluation", "run_evaluation_for_iterative_prompting"]
+__all__ = ["run_evaluation", "run_evaluation_for_iterative_prompting", "main"]
 
 PathOrArray = Union[np.ndarray, os.PathLike, str]
 
@@ -182,3 +183,87 @@ def run_evaluation_for_iterative_prompting(
     results.to_csv(csv_path)
     return results
 
+
+
+def _collect_inputs(paths: List[str], key: Optional[str], what: str) -> List[PathOrArray]:
+    """Files (or, with ``key`` for a container file, arrays) from file paths and folders + glob patterns."""
+    inputs = []
+    for path in paths:
+        if os.path.isfile(path):
+            inputs.append(path if key is None else load_image_data(path, key=key))
+        elif os.path.isdir(path):
+            if key is None:
+                raise ValueError(f"{path!r} is a folder: pass --{what}_key with a file pattern such as '*.tif'.")
+            matches = sorted(glob(os.path.join(path, key)), key=_natural_key)
+            if not matches:
+                raise ValueError(f"No {what} files match the pattern {key!r} in {path!r}.")
+            inputs.extend(matches)
+        else:
+            raise ValueError(f"The {what} path {path!r} does not exist.")
+    return inputs
+
+
+def _csv_path(output_path: Optional[str]) -> Optional[str]:
+    """The csv file for the results: the path itself when it ends in .csv, else ``<folder>/results.csv``."""
+    if output_path is None:
+        return None
+    if output_path.endswith(".csv"):
+        return output_path
+    return os.path.join(output_path, "results.csv")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Command line entry point ``micro_sam.evaluate``: score predicted label images against ground truth.
+
+    Prints the mean segmentation accuracy (mSA, SA50, SA75), precision, recall and F1 averaged over the images
+    and optionally stores them as csv. Label and prediction files are matched in (natural) sort order. Invalid
+    inputs give one line on stderr and exit code 2.
+    """
+    from .. import _cli
+
+    return _cli.run_main(_main, argv, prog="micro_sam.evaluate")
+
+
+def _main(argv: Optional[List[str]] = None) -> int:
+    from .. import _cli
+
+    parser = _cli.ArgumentParser(
+        prog="micro_sam.evaluate",
+        description="Evaluate instance segmentations (label images) against ground-truth labels.",
+    )
+    parser.add_argument("--labels", required=True, nargs="+",
+                        help="Ground-truth label files, or folders (then --label_key is a file pattern).")
+    parser.add_argument("--predictions", required=True, nargs="+",
+                        help="Predicted label files, or folders (then --prediction_key is a file pattern).")
+    parser.add_argument("--label_key", default=None,
+                        help="File pattern inside label folders (e.g. '*.tif'), or the dataset key inside a "
+                             "zarr / n5 / hdf5 label file.")
+    parser.add_argument("--prediction_key", default=None,
+                        help="File pattern inside prediction folders, or the dataset key inside a container file.")
+    parser.add_argument("-o", "--output_path", default=None,
+                        help="Where to store the scores: a .csv file, or a folder for 'results.csv'. Existing "
+                             "results there are loaded instead of recomputed.")
+    parser.add_argument("--threshold", default=None, type=float, nargs="+",
+                        help="IoU threshold(s) for the segmentation accuracy; default 0.5, 0.55, ..., 0.95.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="Show a progress bar.")
+    args = parser.parse_args(argv)
+
+    try:
+        labels = _collect_inputs(args.labels, args.label_key, "label")
+        predictions = _collect_inputs(args.predictions, args.prediction_key, "prediction")
+        if len(labels) != len(predictions):
+            raise ValueError(f"Found {len(labels)} label image(s) but {len(predictions)} prediction(s); "
+                             "they are matched one to one in sorted order.")
+        if args.threshold is not None and not all(0.0 < t <= 1.0 for t in args.threshold):
+            raise ValueError(f"--threshold values must lie in (0, 1], got {args.threshold}.")
+        save_path = _csv_path(args.output_path)
+        if save_path is not None and os.path.exists(save_path):
+            print(f"Loading the existing results from {save_path!r} (delete the file to recompute).")
+        results = run_evaluation(labels, predictions, save_path=save_path, verbose=args.verbose,
+                                 thresholds=args.threshold)
+    except (ValueError, FileNotFoundError) as error:
+        raise _cli.UsageError(str(error)) from None
+    print(results.to_string(index=False))
+    if save_path is not None:
+        print(f"Results stored in {os.path.abspath(save_path)!r}.")
+    return 0

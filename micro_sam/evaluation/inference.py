@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from .. import util
 from .instance_segmentation import _write_prediction
+from .._lazy import lazy_attributes
 
 PathLike = Union[str, os.PathLike]
 
@@ -27,6 +28,21 @@ __all__ = [
     "precompute_all_embeddings", "precompute_all_prompts", "run_amg", "run_apg",
     "run_inference_with_iterative_prompting", "run_inference_with_prompts", "run_instance_segmentation_with_decoder",
 ]
+
+
+# Names micro_sam 1.8 exposes here (imported there from other modules), resolved on first use.
+__getattr__, __dir__ = lazy_attributes(globals(), {
+    "AutomaticMaskGenerator": "micro_sam.instance_segmentation:AutomaticMaskGenerator",
+    "AutomaticPromptGenerator": "micro_sam.instance_segmentation:AutomaticPromptGenerator",
+    "InstanceSegmentationWithDecoder": "micro_sam.instance_segmentation:InstanceSegmentationWithDecoder",
+    "TiledAutomaticMaskGenerator": "micro_sam.instance_segmentation:TiledAutomaticMaskGenerator",
+    "TiledInstanceSegmentationWithDecoder": "micro_sam.instance_segmentation:TiledInstanceSegmentationWithDecoder",
+    "get_predictor_and_decoder": "micro_sam.instance_segmentation:get_predictor_and_decoder",
+    "IterativePromptGenerator": "micro_sam.prompt_generators:IterativePromptGenerator",
+    "PointAndBoxPromptGenerator": "micro_sam.prompt_generators:PointAndBoxPromptGenerator",
+    "SamPredictor": "segment_anything:SamPredictor",
+    "batched_inference": "micro_sam.inference:batched_inference",
+})
 
 _STATE_FOLDER = ".iterative_prompting_state"
 

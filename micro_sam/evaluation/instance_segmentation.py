@@ -32,6 +32,7 @@ import imageio.v3 as imageio
 from tqdm import tqdm
 
 from .metrics import mean_segmentation_accuracy, matching
+from .._lazy import lazy_attributes
 
 if TYPE_CHECKING:  # only for the annotations; the segmenters need torch
     from ..instance_segmentation import AMGBase, InstanceSegmentationWithDecoder
@@ -49,6 +50,13 @@ __all__ = [
     "save_grid_search_best_params",
     "run_instance_segmentation_grid_search_and_inference",
 ]
+
+
+# Names micro_sam 1.8 exposes here (imported there from other modules), resolved on first use.
+__getattr__, __dir__ = lazy_attributes(globals(), {
+    "AMGBase": "micro_sam.instance_segmentation:AMGBase",
+    "InstanceSegmentationWithDecoder": "micro_sam.instance_segmentation:InstanceSegmentationWithDecoder",
+})
 
 PathLike = Union[str, os.PathLike]
 

@@ -30,6 +30,7 @@ from scipy.sparse.csgraph import connected_components
 
 __all__ = [
     "DEFAULT_THRESHOLDS",
+    "dice_score",
     "iou_matrix",
     "match_objects",
     "matching",
@@ -367,3 +368,29 @@ def mean_segmentation_accuracy(
         accuracies.append(segmentation_accuracy(tp, pairs.n_pred - tp, pairs.n_true - tp))
     msa = float(np.mean(accuracies))
     return (msa, accuracies) if return_accuracies else msa
+
+
+def dice_score(segmentation: np.ndarray, groundtruth: np.ndarray, threshold_seg: Optional[float] = 0,
+               threshold_gt: Optional[float] = 0) -> float:
+    """Dice coefficient ``2 |A & B| / (|A| + |B|)`` of the foregrounds of two images.
+
+    Args:
+        segmentation: The prediction, any shape.
+        groundtruth: The ground truth, same shape.
+        threshold_seg: Foreground of the prediction: values above it; None: the prediction is already binary.
+        threshold_gt: Foreground of the ground truth: values above it; None: already binary.
+
+    Returns:
+        The Dice score in [0, 1]; 1 when both foregrounds are empty.
+
+    Raises:
+        ValueError: If the shapes differ.
+    """
+    segmentation, groundtruth = np.asarray(segmentation), np.asarray(groundtruth)
+    if segmentation.shape != groundtruth.shape:
+        raise ValueError(f"segmentation (shape {segmentation.shape}) and groundtruth (shape {groundtruth.shape}) "
+                         "must have the same shape.")
+    a = segmentation.astype(bool) if threshold_seg is None else segmentation > threshold_seg
+    b = groundtruth.astype(bool) if threshold_gt is None else groundtruth > threshold_gt
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total

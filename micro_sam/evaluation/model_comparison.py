@@ -25,6 +25,8 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
+from .._lazy import lazy_attributes
+
 _PREFIXES = ("points", "box")
 
 
@@ -416,3 +418,14 @@ def model_comparison_with_napari(output_folder: Union[str, os.PathLike], show_po
                     viewer.add_shapes(np.array([[y0, x0], [y1, x1]]), shape_type="rectangle",
                                       face_color="transparent", edge_color="green")
                 napari.run()
+
+
+# Names micro_sam 1.8 exposes here (imported there from other modules), resolved on first use.
+__getattr__, __dir__ = lazy_attributes(globals(), {
+    "PointAndBoxPromptGenerator": "micro_sam.prompt_generators:PointAndBoxPromptGenerator",
+    "segment_from_box": "micro_sam.prompt_based_segmentation:segment_from_box",
+    "segment_from_points": "micro_sam.prompt_based_segmentation:segment_from_points",
+    "binary_dilation": "scipy.ndimage:binary_dilation",
+    "find_boundaries": "skimage.segmentation:find_boundaries",
+    "tqdm": "tqdm:tqdm",
+})

@@ -1,4 +1,4 @@
-"""The interactive annotation tools for napari: 2D, 3D, image series and the training UI.
+"""The interactive annotation tools for napari: 2D, 3D, image series, the training UI and the object classifier.
 
 This is the only part of micro_sam that needs napari and a Qt binding (``pip install "micro_sam[gui]"``).
 Start a tool from Python (:func:`annotator_2d`, :func:`annotator_3d`, :func:`image_series_annotator`,
@@ -45,5 +45,7 @@ _import_torch_before_opengl()
 from .annotator_2d import annotator_2d  # noqa: E402
 from .annotator_3d import annotator_3d  # noqa: E402
 from .image_series_annotator import image_folder_annotator, image_series_annotator  # noqa: E402
+from .object_classifier import image_series_object_classifier, object_classifier  # noqa: E402
 
-__all__ = ["annotator_2d", "annotator_3d", "image_folder_annotator", "image_series_annotator"]
+__all__ = ["annotator_2d", "annotator_3d", "image_folder_annotator", "image_series_annotator",
+           "image_series_object_classifier", "object_classifier"]

@@ -20,8 +20,18 @@ from torch_em.model.unet import Upsampler, Upsampler2d
 
 from .sam_trainer import SamLogger, SamTrainer, _check_state_fits
 from .trainable_sam import frozen_parts_to_eval
+from .._lazy import lazy_attributes
 
 __all__ = ["JointSamTrainer", "JointSamLogger"]
+
+
+# Names micro_sam 1.8 exposes here (imported there from other modules), resolved on first use.
+__getattr__, __dir__ = lazy_attributes(globals(), {
+    "SummaryWriter": "torch.utils.tensorboard:SummaryWriter",
+    "TorchEmLogger": "torch_em.trainer.logger_base:TorchEmLogger",
+    "make_grid": "torchvision.utils:make_grid",
+    "normalize_im": "torch_em.trainer.tensorboard_logger:normalize_im",
+})
 
 
 def _shares_encoder(unetr: torch.nn.Module, model: torch.nn.Module) -> bool:

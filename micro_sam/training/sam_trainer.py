@@ -42,7 +42,17 @@ import torch.nn.functional as F
 import torch_em
 from torch_em.trainer.logger_base import TorchEmLogger
 
+from .._lazy import lazy_attributes
+
 __all__ = ["CheckpointMixin", "SamTrainer", "SamLogger", "plain_metadata"]
+
+
+# Names micro_sam 1.8 exposes here (imported there from other modules), resolved on first use.
+__getattr__, __dir__ = lazy_attributes(globals(), {
+    "IterativePromptGenerator": "micro_sam.prompt_generators:IterativePromptGenerator",
+    "PromptGeneratorBase": "micro_sam.prompt_generators:PromptGeneratorBase",
+    "make_grid": "torchvision.utils:make_grid",
+})
 
 
 def _link_or_copy(source: str, target: str) -> None:

@@ -15,8 +15,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.fast_mask_decoder import decode_masks
+from .._lazy import lazy_attributes
 
 __all__ = ["TrainableSAM", "frozen_parts_to_eval"]
+
+
+# Names micro_sam 1.8 exposes here (imported there from other modules), resolved on first use.
+__getattr__, __dir__ = lazy_attributes(globals(), {
+    "ResizeLongestSide": "segment_anything.utils.transforms:ResizeLongestSide",
+    "Sam": "segment_anything.modeling:Sam",
+})
 
 
 def frozen_parts_to_eval(module: nn.Module) -> nn.Module:

@@ -31,11 +31,29 @@ from .sam_trainer import CheckpointMixin, SamLogger, SamTrainer
 from .joint_sam_trainer import JointSamLogger, JointSamTrainer
 from .trainable_sam import frozen_parts_to_eval
 from .util import ConvertToSamInputs, get_trainable_sam_model
+from .._lazy import lazy_attributes
 
 __all__ = [
     "CONFIGURATIONS", "default_sam_dataset", "default_sam_loader", "export_instance_segmentation_model",
     "train_instance_segmentation", "train_sam", "train_sam_for_configuration",
 ]
+
+
+# Names micro_sam 1.8 exposes here (imported there from other modules), resolved on first use.
+__getattr__, __dir__ = lazy_attributes(globals(), {
+    "Dataset": "torch.utils.data:Dataset",
+    "random_split": "torch.utils.data:random_split",
+    "Optimizer": "torch.optim:Optimizer",
+    "export_custom_sam_model": "micro_sam.util:export_custom_sam_model",
+    "get_model_names": "micro_sam.util:get_model_names",
+    "get_sam_model": "micro_sam.util:get_sam_model",
+    "get_raw_transform": "micro_sam.training.util:get_raw_transform",
+    "require_8bit": "micro_sam.training.util:require_8bit",
+    "get_unetr": "micro_sam.instance_segmentation:get_unetr",
+    "load_data": "torch_em.util.image:load_data",
+    "split_kwargs": "torch_em.data.datasets.util:split_kwargs",
+    "tqdm": "tqdm:tqdm",
+})
 
 FilePath = Union[str, os.PathLike]
 

@@ -17,11 +17,23 @@ import torch
 from ..util import get_centers_and_bounding_boxes, get_device, get_sam_model, segmentation_to_one_hot
 from .._sam_loading import _DEFAULT_MODEL
 from .trainable_sam import TrainableSAM
+from .._lazy import lazy_attributes
 
 __all__ = [
     "ConvertToSamInputs", "ConvertToSemanticSamInputs", "ResizeLabelTrafo", "ResizeRawTrafo", "get_raw_transform",
     "get_trainable_sam_model", "identity", "normalize_to_8bit", "require_8bit",
 ]
+
+
+# Names micro_sam 1.8 exposes here (imported there from other modules), resolved on first use.
+__getattr__, __dir__ = lazy_attributes(globals(), {
+    "PerObjectDistanceTransform": "torch_em.transform.label:PerObjectDistanceTransform",
+    "PointAndBoxPromptGenerator": "micro_sam.prompt_generators:PointAndBoxPromptGenerator",
+    "ResizeLongestSide": "segment_anything.utils.transforms:ResizeLongestSide",
+    "normalize": "torch_em.transform.raw:normalize",
+    "normalize_percentile": "torch_em.transform.raw:normalize_percentile",
+    "to_rgb": "torch_em.data.datasets.light_microscopy.neurips_cell_seg:to_rgb",
+})
 
 _MODEL_PARTS = ("image_encoder", "prompt_encoder", "mask_decoder")
 

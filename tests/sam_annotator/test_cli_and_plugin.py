@@ -82,7 +82,7 @@ def test_napari_manifest_and_sample_data():
         assert callable(getattr(importlib.import_module(module), name)), command.python_name
     widgets = {w.command for w in manifest.contributions.widgets}
     assert widgets == {"micro_sam.annotator_2d", "micro_sam.annotator_3d", "micro_sam.image_series_annotator",
-                       "micro_sam.training"}
+                       "micro_sam.training", "micro_sam.object_classifier"}
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
         project = tomllib.load(f)
     assert project["project"]["entry-points"]["napari.manifest"] == {"micro-sam": "micro_sam:napari.yaml"}
