@@ -58,14 +58,33 @@ def _seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _images(n: int, shape, seed: int):
-    """n synthetic images with instance labels, alternating nuclei and cells."""
+def _images(n: int, shape, seed: int, data: str = "synthetic", empty_fraction: float = 0.0, min_objects: int = 0):
+    """n synthetic images with instance labels.
+
+    ``data="synthetic"``: alternating ``synthetic_nuclei_2d`` and ``synthetic_cells_2d``, as generated. ``"styles"``:
+    every fourth image from those two generators (alternating), the others in a random style of
+    ``micro_sam._synthetic_styles.sample_training_style`` (``empty_fraction`` of them without objects); all images
+    normalised to uint8 exactly as for inference (``micro_sam._image.to_image``: each image's minimum to 0, its
+    maximum to 255), so that training sees what the model sees when it is used. A styled image with fewer than
+    ``min_objects`` objects is drawn again (the interactive stages sample at least two objects per image).
+    """
+    from micro_sam._image import to_image
+    from micro_sam._synthetic_styles import render_style, sample_training_style
     from micro_sam.sample_data import synthetic_cells_2d, synthetic_nuclei_2d
 
     images, labels = [], []
     for i in range(n):
-        generate = synthetic_nuclei_2d if i % 2 == 0 else synthetic_cells_2d
-        image, label = generate(tuple(shape), seed=seed + i)
+        if data == "synthetic" or i % 4 == 0:
+            generate = synthetic_nuclei_2d if (i if data == "synthetic" else i // 4) % 2 == 0 else synthetic_cells_2d
+            image, label = generate(tuple(shape), seed=seed + i)
+        else:
+            rng = np.random.default_rng(seed + i)
+            while True:
+                image, label = render_style(sample_training_style(rng, empty_fraction), tuple(shape), rng)
+                if len(np.unique(label)) - 1 >= min_objects:
+                    break
+        if data == "styles":
+            image = to_image(image)[..., 0]
         images.append(image)
         labels.append(label)
     return images, labels
@@ -214,14 +233,18 @@ def _interactive_freeze(n_trained_stages: int, image_size: int) -> List[str]:
 def _train_and_export(args, parser, shape, output: str) -> None:
     """Run one training stage (continuing from ``latest.pt``) and export its checkpoint."""
     from micro_sam.training import default_sam_loader, train_instance_segmentation, train_sam
-    from micro_sam.training.losses import DiceBCELoss
+    from micro_sam.training.losses import DiceBCEDistanceLoss, DiceBCELoss
 
-    train_images, train_labels = _images(args.n_train, shape, seed=args.seed * 1000)
-    val_images, val_labels = _images(args.n_val, shape, seed=args.seed * 1000 + 500)
     joint, decoder_only = args.stage == "joint", args.stage == "decoder"
+    # the interactive loss needs objects in every image: images without objects only for the decoder stage
+    empty = args.empty_fraction if decoder_only else 0.0
+    min_objects = 0 if decoder_only else 2
+    train_images, train_labels = _images(args.n_train, shape, args.seed * 1000, args.data, empty, min_objects)
+    val_images, val_labels = _images(args.n_val, shape, args.seed * 1000 + 500, args.data, empty, min_objects)
     if not joint and args.init_from is None:
         parser.error(f"--stage {args.stage} needs --init-from (the model whose image encoder is kept).")
-    common = dict(raw_key=None, label_key=None, patch_shape=shape, with_segmentation_decoder=joint or decoder_only)
+    common = dict(raw_key=None, label_key=None, patch_shape=shape, with_segmentation_decoder=joint or decoder_only,
+                  min_size=args.min_size)
     if decoder_only:
         common["train_instance_segmentation_only"] = True
     train_loader = default_sam_loader(raw_paths=train_images, label_paths=train_labels, shuffle=True, batch_size=1,
@@ -247,6 +270,7 @@ def _train_and_export(args, parser, shape, output: str) -> None:
             n_iterations=remaining, checkpoint_path=initial, freeze=["image_encoder"], lr=args.lr,
             save_root=args.save_root, device=args.device, early_stopping=None, verify_n_labels_in_loader=2,
             load_from_checkpoint="latest" if done > 0 else None,
+            loss=DiceBCEDistanceLoss(args.foreground_bce_weight) if args.foreground_bce_weight else None,
         )
     elif remaining > 0:
         train_sam(
@@ -327,6 +351,20 @@ def main(argv=None):
                         "4 layers) and its neck, their batch norms kept frozen; the embedding cache then keeps the "
                         "output of the frozen stages. The export holds the changed encoder; train the UNETR "
                         "decoder on it afterwards (--stage decoder --init-from <export>).")
+    parser.add_argument("--data", choices=["synthetic", "styles"], default="synthetic",
+                        help="Training and validation images: synthetic: micro_sam.sample_data's nuclei and cells "
+                        "generators; styles: a quarter of those, the rest in random styles (domain randomisation, "
+                        "micro_sam._synthetic_styles), all normalised as for inference. The held-out images of "
+                        "the final evaluation are always those of the synthetic generators.")
+    parser.add_argument("--empty-fraction", type=float, default=0.1,
+                        help="--data styles, --stage decoder: fraction of the styled images without objects "
+                        "(blank, constant, noise, background only).")
+    parser.add_argument("--min-size", type=int, default=25,
+                        help="Objects smaller than this (pixels) are removed from the training labels.")
+    parser.add_argument("--foreground-bce-weight", type=float, default=0.0,
+                        help="--stage decoder: add this weight times the foreground's cross entropy to the UNETR "
+                        "loss (micro_sam.training.losses.DiceBCEDistanceLoss); needed for images without objects, "
+                        "which give the Dice loss no gradient. 0: micro_sam's loss.")
     parser.add_argument("--device", default=None)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--smoke", action="store_true", help="2 iterations on small images, output to a temp dir.")
@@ -348,7 +386,7 @@ def main(argv=None):
 
     _seed(args.seed)
     shape = (args.patch, args.patch)
-    test_images, test_labels = _images(args.n_test, shape, seed=args.seed * 1000 + 900)
+    test_images, test_labels = _images(args.n_test, shape, seed=args.seed * 1000 + 900)  # always the old generator
     if args.stage == "assemble":
         if args.init_from is None:
             parser.error("--stage assemble needs --init-from (the model that gives everything else).")
