@@ -16,7 +16,8 @@
 
 ``Style.kind`` other than ``"objects"`` gives images without any object (labels all 0): ``"blank"`` (zeros),
 ``"constant"``, ``"noise"`` (offset plus Poisson and Gaussian noise, optionally slightly correlated) and
-``"background"`` (background structure, out-of-focus objects, debris and noise only).
+``"background"`` (background structure, out-of-focus objects, debris and noise only). The training distribution
+holds only the last two (see :data:`EMPTY_KIND_WEIGHTS`).
 
 :func:`sample_training_style` draws a style from :data:`TRAINING_RANGES` (the settings the bundled demo model is
 trained on). Everything is deterministic given a ``numpy.random.Generator``.
@@ -359,8 +360,10 @@ TRAINING_RANGES: Dict[str, Tuple[float, float]] = {
     "offset": (0.0, 200.0),
 }
 
-# Images without objects among the training images, by kind.
-EMPTY_KIND_WEIGHTS = {"blank": 0.2, "constant": 0.2, "noise": 0.35, "background": 0.25}
+# Images without objects among the training images, by kind. Blank and constant images are no training images:
+# normalised for the model they are all zeros, and automatic segmentation returns no objects for an image without
+# contrast without running the model (micro_sam.instance_segmentation.InstanceSegmentationWithDecoder).
+EMPTY_KIND_WEIGHTS = {"noise": 0.55, "background": 0.45}
 
 
 def style_settings(style: Style) -> Dict[str, float]:
@@ -423,7 +426,8 @@ def sample_training_style(rng: np.random.Generator, empty_fraction: float = 0.1)
 
     Args:
         rng: The random generator.
-        empty_fraction: Probability of an image without objects (blank, constant, noise or background only).
+        empty_fraction: Probability of an image without objects (noise or background only; see
+            :data:`EMPTY_KIND_WEIGHTS`).
 
     Returns:
         The style.
@@ -470,11 +474,6 @@ def _sample_empty_style(rng: np.random.Generator) -> Style:
     kind = str(rng.choice(kinds, p=[EMPTY_KIND_WEIGHTS[k] for k in kinds]))
     photons = float(np.exp(rng.uniform(np.log(0.3), np.log(3000.0))))
     acquisition = _gain_and_dtype(rng, photons * 1.5 + 10)
-    if kind == "constant":
-        top = {"uint8": 255.0, "uint16": 65535.0, "float32": 1000.0}[acquisition["dtype"]]
-        return Style(kind=kind, dtype=acquisition["dtype"], constant_value=float(rng.uniform(0, top)))
-    if kind == "blank":
-        return Style(kind=kind, dtype=acquisition["dtype"])
     if kind == "noise":
         return Style(kind=kind, photons=photons, read_noise=_uniform(rng, "read_noise"),
                      noise_correlation=float(rng.uniform(0.0, 1.2)) if rng.random() < 0.4 else 0.0,

@@ -19,7 +19,7 @@ import numpy as np
 
 from .. import _tiling
 from . import _mask_store as store
-from .ais import InstanceSegmentationWithDecoder, run_decoder
+from .ais import InstanceSegmentationWithDecoder, background_maps, run_decoder
 from .amg import AutomaticMaskGenerator, _select_image
 
 __all__ = ["TiledAutomaticMaskGenerator", "TiledInstanceSegmentationWithDecoder"]
@@ -267,13 +267,17 @@ class TiledInstanceSegmentationWithDecoder(InstanceSegmentationWithDecoder):
         image_embeddings, tile_shape, halo, tile_ids = _process_tiled_embeddings(
             self._predictor, image, image_embeddings, tile_shape, halo, verbose, batch_size, mask, i
         )
-        maps = np.zeros((3,) + shape, dtype="float32")
-        maps[1:] = 1.0  # outside processed tiles: background, far from any object
+        from .._image import has_contrast
+
+        maps = background_maps(shape)  # outside processed tiles: background, far from any object
         _, init, update, close = handle_pbar(verbose, pbar_init, pbar_update)
         init(len(tile_ids), "Initialize tiled instance segmentation with decoder")
         try:
             for tile_id in tile_ids:
                 tile = _tiling.get_tile(tile_id, shape, tile_shape, halo)
+                if not has_contrast(image[tile.outer]):  # a constant tile has no objects (see the 2D class)
+                    update(1)
+                    continue
                 set_precomputed(self._predictor, image_embeddings, i=i, tile_id=tile_id)
                 predictor = self._predictor
                 output = run_decoder(self._decoder, predictor.features, predictor.input_size,
