@@ -131,3 +131,41 @@ def test_tiled_and_untiled_ais_agree(cells, tile_shape, halo):
         tiled.initialize(image, image_embeddings=embeddings)
     with pytest.raises(ValueError, match="tiled"):
         untiled.initialize(image, image_embeddings=tiled_embeddings)
+
+
+@pytest.mark.parametrize("value,channels", [(0, None), (7, None), (1000, 3), (0.25, None)])
+def test_ais_image_without_contrast_gives_no_objects_without_running_the_decoder(cells, value, channels):
+    _, labels, maps = cells  # the stub decoder would report the objects of `labels` wherever it is run
+    segmenter, embeddings = _segmenter(labels, maps)
+    image = np.full(labels.shape if channels is None else labels.shape + (channels,), value)
+    segmenter.initialize(image, image_embeddings=embeddings)
+    assert segmenter._decoder.calls == 0
+    assert segmenter.generate().max() == 0 and segmenter.generate(output_mode="binary_mask") == []
+    state = segmenter.get_state()
+    assert state["foreground"].max() == 0 and state["center_distances"].min() == 1
+    # one pixel of contrast: the decoder runs (and finds its objects)
+    image = image.copy()
+    image[0, 0] = value + 1
+    segmenter.initialize(image, image_embeddings=embeddings)
+    assert segmenter._decoder.calls == 1 and segmenter.generate().max() == labels.max()
+
+
+def test_tiled_ais_skips_tiles_without_contrast(cells):
+    image, labels, maps = cells
+    tile_shape, halo = (64, 64), (8, 8)
+    flat = image.copy()
+    flat[:, 130:] = 5  # the right half is constant: tiles whose outer block lies there see nothing
+    predictor, _ = make_stub_predictor(labels, img_size=256)
+    decoder = StubDecoder(maps, tiling=(tile_shape, halo))
+    tiled = get_instance_segmentation_generator(predictor, is_tiled=True, decoder=decoder)
+    tiled.initialize(flat, image_embeddings=tiled_embeddings_with_ids(labels.shape, tile_shape, halo, img_size=256))
+    from micro_sam import _tiling
+
+    tiles = list(_tiling.iterate_tiles(labels.shape, tile_shape, halo))
+    with_contrast = [t for t in tiles if t.outer[1].start < 130]
+    assert 0 < decoder.calls == len(with_contrast) < len(tiles)
+    processed = np.zeros(labels.shape, dtype=bool)
+    for tile in with_contrast:
+        processed[tile.inner] = True
+    seg = tiled.generate()
+    assert not processed.all() and seg[~processed].max() == 0 and seg[:, :120].max() > 0
