@@ -379,7 +379,9 @@ def style_settings(style: Style) -> Dict[str, float]:
         "halo_width": style.halo_width, "background": style.background, "gradient": style.gradient,
         "out_of_focus": style.out_of_focus, "debris": style.debris, "photons": style.photons,
         "psf_sigma_min": min(sy, sx), "psf_sigma_max": max(sy, sx), "psf_anisotropy": max(sy, sx) / max(min(sy, sx), 1e-6),
-        "read_noise": style.read_noise, "offset": style.offset,
+        "read_noise": style.read_noise,
+        # float images: the offset in grey values of a camera with gain 1 (the sampler scales both)
+        "offset": style.offset / style.gain if style.dtype == "float32" else style.offset,
     }
 
 

@@ -376,7 +376,8 @@ def object_area_ratios(segmentation: np.ndarray, groundtruth: np.ndarray, ignore
 
     A ratio of 1 means outlines of the right size; 2 means the predicted object is twice as large (outlines too
     wide, or the object merged with a neighbour), 0.5 half as large. Ground-truth objects that no predicted object
-    overlaps are left out (they are misses, which the segmentation accuracy counts).
+    overlaps are left out (they are misses, which the segmentation accuracy counts). Of two predicted objects with
+    the same overlap the one with the smaller id is taken.
 
     Args:
         segmentation: The predicted label image, any shape.
@@ -408,6 +409,6 @@ def object_area_ratios(segmentation: np.ndarray, groundtruth: np.ndarray, ignore
         row = table.getrow(t)
         if row.nnz == 0:
             continue
-        best = row.indices[np.argmax(row.data)]
+        best = row.indices[row.data == row.data.max()].min()  # ties: the smaller predicted id
         ratios[int(true_id)] = float(pred_areas[best] / true_areas[t])
     return ratios
