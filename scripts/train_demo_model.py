@@ -29,6 +29,13 @@ Stages (see the README for the runs that made the bundled file):
         --decoder-from runs/decoder/checkpoints/vit_t_demo/latest.pt
     python scripts/train_demo_model.py --smoke         # 2 iterations end to end, output to a temporary folder
 
+Broadened data (issue 23): ``--data styles`` trains on images in random looks (``micro_sam._synthetic_styles``,
+domain randomisation: shapes, sizes, density, brightness and bit depth, edges, background, noise, blur) plus a
+quarter of the old generators' images, all normalised as for inference; the decoder stage also gets images
+without objects (``--empty-fraction``), which need the foreground cross entropy (``--foreground-bce-weight``)
+because the Dice loss gives them no gradient. ``scripts/evaluate_demo_model.py`` scores a model on the held-out
+styles of ``scripts/demo_model_styles.json``, images without objects, the old held-out images and a real image.
+
 From scratch, micro_sam's Dice loss alone and a learning rate of 2e-4 left the mask decoder predicting the same
 prompt-independent blob for every click for 150 iterations; the cross entropy term (``--bce-weight``,
 ``micro_sam.training.losses.DiceBCELoss``) and a learning rate of 1e-3 for the prompt parts made it follow the clicks

@@ -2,6 +2,7 @@
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -74,3 +75,26 @@ def test_interactive_freeze_trains_the_encoder_end_with_frozen_batch_norms():
     assert model.sam.mask_decoder.training
     with pytest.raises(ValueError, match=r"\[0, 5\]"):
         script._interactive_freeze(6, 256)
+
+
+def test_styled_training_images_are_normalised_as_for_inference():
+    from micro_sam._image import to_image
+    from micro_sam.sample_data import synthetic_cells_2d, synthetic_nuclei_2d
+
+    script = _script()
+    images, labels = script._images(9, (96, 96), 500, data="styles", empty_fraction=0.0, min_objects=2)
+    again, _ = script._images(9, (96, 96), 500, data="styles", empty_fraction=0.0, min_objects=2)
+    for image, other in zip(images, again):
+        np.testing.assert_array_equal(image, other)
+    for i, (image, label) in enumerate(zip(images, labels)):
+        assert image.dtype == np.uint8 and image.shape == label.shape == (96, 96)
+        assert image.min() == 0 and image.max() >= 254  # stretched to the full range, as to_image does
+        assert len(np.unique(label)) - 1 >= 2
+    # every fourth image comes from the old generators (nuclei, cells, ...), normalised the same way
+    nuclei, nuclei_labels = synthetic_nuclei_2d((96, 96), seed=500)
+    np.testing.assert_array_equal(images[0], to_image(nuclei)[..., 0])
+    np.testing.assert_array_equal(labels[0], nuclei_labels)
+    np.testing.assert_array_equal(images[4], to_image(synthetic_cells_2d((96, 96), seed=504)[0])[..., 0])
+    # images without objects only where asked for
+    _, labels = script._images(40, (64, 64), 900, data="styles", empty_fraction=0.5)
+    assert 5 < sum(label.max() == 0 for label in labels) < 25
