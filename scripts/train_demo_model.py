@@ -137,15 +137,28 @@ def _decoder_state_of(path: str) -> Optional[dict]:
     return None
 
 
+def _unetr_encoder_state(path: str) -> dict:
+    """The image encoder of a UNETR trainer checkpoint (``encoder.*``) under SAM's names (``image_encoder.*``)."""
+    from micro_sam._checkpoints import safe_load
+
+    unetr = safe_load(path).get("model_state", {})
+    encoder = {"image_encoder." + k[len("encoder."):]: v for k, v in unetr.items() if k.startswith("encoder.")}
+    if not encoder:
+        raise ValueError(f"{path} is no UNETR trainer checkpoint (no 'encoder.*' parameters).")
+    return encoder
+
+
 def assemble(base: str, output: str, prompt_parts_from: Optional[str] = None,
-             decoder_from: Optional[str] = None, half: bool = False, image_size: Optional[int] = None) -> None:
+             decoder_from: Optional[str] = None, half: bool = False, image_size: Optional[int] = None,
+             encoder_from: Optional[str] = None) -> None:
     """Write a model file ``{"model_state", "decoder_state"[, "image_size"]}`` built from checkpoints.
 
     ``base`` gives everything; ``prompt_parts_from`` replaces the prompt encoder and mask decoder (the result of
     the interactive stage), ``decoder_from`` the UNETR decoder state (a model file, a SAM trainer checkpoint or a
-    UNETR trainer checkpoint). ``half``: floating tensors in float16. ``image_size``: record this encoder input
-    size instead of the base's (vit_t's parameters do not depend on it; the model is rebuilt at this size when
-    loaded). Written atomically.
+    UNETR trainer checkpoint), ``encoder_from`` the image encoder (a UNETR trainer checkpoint of a decoder stage
+    that also trained the encoder). ``half``: floating tensors in float16. ``image_size``: record this encoder
+    input size instead of the base's (vit_t's parameters do not depend on it; the model is rebuilt at this size
+    when loaded). Written atomically.
     """
     import torch
 
@@ -156,6 +169,12 @@ def assemble(base: str, output: str, prompt_parts_from: Optional[str] = None,
     if prompt_parts_from is not None:
         other, _, _ = split_checkpoint(safe_load(prompt_parts_from), prompt_parts_from)
         model_state.update((k, v) for k, v in other.items() if k.startswith(_PROMPT_PARTS))
+    if encoder_from is not None:
+        encoder = _unetr_encoder_state(encoder_from)
+        own = {k for k in model_state if k.startswith("image_encoder.")}
+        if set(encoder) != own:
+            raise ValueError(f"The encoder of {encoder_from} does not fit {base}: {len(set(encoder) ^ own)} keys differ.")
+        model_state.update(encoder)
     if decoder_from is not None:
         decoder_state = _decoder_state_of(decoder_from)
     if decoder_state is None:
@@ -274,7 +293,8 @@ def _train_and_export(args, parser, shape, output: str) -> None:
     if remaining > 0 and decoder_only:
         train_instance_segmentation(
             name=NAME, model_type="vit_t", train_loader=train_loader, val_loader=val_loader,
-            n_iterations=remaining, checkpoint_path=initial, freeze=["image_encoder"], lr=args.lr,
+            n_iterations=remaining, checkpoint_path=initial, lr=args.lr,
+            freeze=_interactive_freeze(args.train_encoder_stages, args.image_size),
             save_root=args.save_root, device=args.device, early_stopping=None, verify_n_labels_in_loader=2,
             load_from_checkpoint="latest" if done > 0 else None,
             loss=DiceBCEDistanceLoss(args.foreground_bce_weight) if args.foreground_bce_weight else None,
@@ -297,7 +317,8 @@ def _train_and_export(args, parser, shape, output: str) -> None:
 
     best = os.path.join(args.save_root, "checkpoints", NAME, f"{args.export_checkpoint}.pt")
     if decoder_only:
-        export_half_precision(args.init_from, output, decoder_from=best)
+        assemble(args.init_from, output, decoder_from=best, half=True,
+                 encoder_from=best if args.train_encoder_stages else None)
     else:
         export_half_precision(best, output, decoder_from=None if joint else args.init_from)
     what = f"{args.init_from} with the decoder of {best}" if decoder_only else best
@@ -354,10 +375,10 @@ def main(argv=None):
                         help="Interactive stage: image embeddings of the frozen encoder kept for reuse (distinct "
                         "augmented images, 1 MB each at --image-size 512; TrainableSAM's embedding_cache_size).")
     parser.add_argument("--train-encoder-stages", type=int, default=0,
-                        help="Interactive stage: also train the last N of the encoder's 5 stages (patch embedding, "
-                        "4 layers) and its neck, their batch norms kept frozen; the embedding cache then keeps the "
-                        "output of the frozen stages. The export holds the changed encoder; train the UNETR "
-                        "decoder on it afterwards (--stage decoder --init-from <export>).")
+                        help="Interactive and decoder stage: also train the last N of the encoder's 5 stages (patch "
+                        "embedding, 4 layers) and its neck, their batch norms kept frozen; the embedding cache then "
+                        "keeps the output of the frozen stages. The export holds the changed encoder; train the "
+                        "part that was not trained on it afterwards (e.g. --stage decoder --init-from <export>).")
     parser.add_argument("--data", choices=["synthetic", "styles"], default="synthetic",
                         help="Training and validation images: synthetic: micro_sam.sample_data's nuclei and cells "
                         "generators; styles: a quarter of those, the rest in random styles (domain randomisation, "

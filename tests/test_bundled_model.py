@@ -14,6 +14,7 @@ from micro_sam import _registry
 MIN_AIS_MSA = 0.74
 MIN_POINT_IOU = 0.84
 MIN_SAMPLE_MSA = 0.73
+MIN_DIM_16BIT_MSA = 0.5
 
 
 @pytest.fixture(scope="module")
@@ -90,3 +91,39 @@ def test_readme_first_command(tmp_path):
     assert labels.shape == (512, 512)
     assert imageio.imread(tmp_path / "segmentation_overlay.png").shape[:2] == (512, 512)
     assert mean_segmentation_accuracy(labels, tifffile.imread(sample_labels_path())) >= MIN_SAMPLE_MSA
+
+
+@pytest.mark.parametrize("kind", ["blank", "constant", "noise"])
+def test_images_without_objects_give_none(demo, kind):
+    from micro_sam.instance_segmentation import InstanceSegmentationWithDecoder
+    from micro_sam.sample_data import synthetic_styled_2d
+
+    style = {"blank": {"kind": "blank", "dtype": "uint16"},
+             "constant": {"kind": "constant", "dtype": "float32", "constant_value": 0.37},
+             "noise": {"kind": "noise", "dtype": "uint16", "photons": 3.0, "read_noise": 1.0, "offset": 100}}[kind]
+    image, labels = synthetic_styled_2d((300, 256), seed=11, style=style)
+    assert labels.max() == 0
+    segmenter = InstanceSegmentationWithDecoder(*demo)
+    segmenter.initialize(image)
+    assert segmenter.generate().max() == 0
+
+
+def test_same_segmentation_for_an_image_times_a_constant(demo):
+    """A dim 16-bit image, the same image times 7, and as float divided by 1000 (the model sees each image stretched
+    to its own minimum and maximum)."""
+    from micro_sam.evaluation.metrics import mean_segmentation_accuracy
+    from micro_sam.instance_segmentation import InstanceSegmentationWithDecoder
+    from micro_sam.sample_data import synthetic_styled_2d
+
+    style = {"radius_range": (8, 14), "photons": 40, "background": 0.3, "offset": 90, "gain": 2.0,
+             "dtype": "uint16", "read_noise": 1.5}
+    image, labels = synthetic_styled_2d((256, 256), seed=3, style=style)
+    assert image.max() < 400  # dim: a few hundred grey values of 65535
+    segmenter = InstanceSegmentationWithDecoder(*demo)
+    results = []
+    for scaled in (image, image * 7, image.astype("float32") / 1000):
+        segmenter.initialize(scaled)
+        results.append(segmenter.generate())
+    assert mean_segmentation_accuracy(results[0], labels) >= MIN_DIM_16BIT_MSA
+    for other in results[1:]:
+        assert mean_segmentation_accuracy(other, results[0]) >= 0.9

@@ -37,6 +37,16 @@ def test_assemble_takes_each_part_from_its_stage(tmp_path):
     assert torch.equal(result["model_state"]["mask_decoder.w"], t["g"])
     assert list(result["decoder_state"]) == ["base.w"] and torch.equal(result["decoder_state"]["base.w"], t["h"])
 
+    # a decoder stage that also trained the encoder: encoder and UNETR decoder from its checkpoint
+    both = tmp_path / "both.pt"
+    script.assemble(str(joint), str(both), decoder_from=str(unetr), encoder_from=str(unetr))
+    result = torch.load(both, weights_only=True)
+    assert torch.equal(result["model_state"]["image_encoder.w"], t["e"])
+    assert torch.equal(result["model_state"]["prompt_encoder.w"], t["b"])
+    assert torch.equal(result["decoder_state"]["base.w"], t["h"])
+    with pytest.raises(ValueError, match="no UNETR trainer checkpoint"):
+        script.assemble(str(joint), str(both), encoder_from=str(interactive))
+
     half = tmp_path / "half.pt"
     script.export_half_precision(str(out), str(half))
     exported = torch.load(half, weights_only=True)
