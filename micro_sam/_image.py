@@ -76,19 +76,6 @@ def to_image(image) -> np.ndarray:
     return (out * 255).astype("uint8")
 
 
-def has_contrast(image) -> bool:
-    """Whether a 2D image, (H, W) or (H, W, C), has two different values in any channel.
-
-    :func:`to_image` maps every channel by its own minimum and maximum, so an image without contrast (all zeros,
-    or any constant) becomes all zeros: there is nothing in it to segment.
-    """
-    image = np.asarray(image)
-    if image.size == 0:
-        return False
-    flat = image.reshape(image.shape[0] * image.shape[1], -1) if image.ndim == 3 else image.reshape(-1, 1)
-    return bool(np.any(flat.max(axis=0) > flat.min(axis=0)))
-
-
 def data_signature(input_) -> str:
     """The sha1 of the raw input bytes, stored in embedding caches to recognise the image (as micro_sam)."""
     return hashlib.sha1(np.asarray(input_).tobytes()).hexdigest()

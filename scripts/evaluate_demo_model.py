@@ -145,35 +145,46 @@ class _Model:
         self.predictor, decoder = get_predictor_and_decoder("vit_t", checkpoint_path=path, device=device)
         self.segmenter = InstanceSegmentationWithDecoder(self.predictor, decoder)
 
-    def segment(self, image: np.ndarray, labels: Optional[np.ndarray] = None) -> Dict[str, object]:
-        """AIS label image and, with labels, the point masks."""
+    def segment(self, image: np.ndarray, labels: Optional[np.ndarray] = None,
+                scores: Tuple[str, ...] = ("ais", "points")) -> Dict[str, object]:
+        """AIS label image and, with labels, the point masks (those of ``scores``)."""
         from micro_sam.evaluation.point_prompts import point_prompt_masks
         from micro_sam.util import precompute_image_embeddings
 
-        embeddings = precompute_image_embeddings(self.predictor, image, verbose=False)
-        self.segmenter.initialize(image, image_embeddings=embeddings)
-        out = {"ais": self.segmenter.generate()}
-        if labels is not None:
+        out = {}
+        points = labels is not None and "points" in scores
+        # without point prompts, AIS computes the embeddings itself (none for an image without contrast)
+        embeddings = precompute_image_embeddings(self.predictor, image, verbose=False) if points else None
+        if "ais" in scores:
+            self.segmenter.initialize(image, image_embeddings=embeddings, verbose=False)
+            out["ais"] = self.segmenter.generate()
+        if points:
             out["points"] = point_prompt_masks(self.predictor, image, labels, image_embeddings=embeddings)
         return out
 
 
-def score_image(model: _Model, image: np.ndarray, labels: np.ndarray, baseline_params: dict) -> dict:
-    """The scores of one image with labels (see the module docstring); lists are per object."""
+def score_image(model: _Model, image: np.ndarray, labels: np.ndarray, baseline_params: dict,
+                scores: Tuple[str, ...] = ("ais", "points")) -> dict:
+    """The scores of one image with labels (see the module docstring); lists are per object. ``scores``: which of
+    "ais" and "points" to compute (the baseline always); the others are NaN."""
     from micro_sam.evaluation.metrics import mean_segmentation_accuracy, object_area_ratios
     from micro_sam.util import compute_iou
 
-    result = model.segment(image, labels)
-    ais = result["ais"]
-    ious = [compute_iou(mask, labels == i) for i, mask in result["points"].items()]
-    areas = {i: int((labels == i).sum()) for i in result["points"]}
-    point_ratios = [float(mask.sum()) / areas[i] for i, mask in result["points"].items()]
+    result = model.segment(image, labels, scores)
+    out = {"ais_msa": np.nan, "area_ratio": [], "point_iou": [], "point_area_ratio": [], "n_found": -1}
+    if "ais" in result:
+        ais = result["ais"]
+        out.update(ais_msa=mean_segmentation_accuracy(ais, labels),
+                   area_ratio=list(object_area_ratios(ais, labels).values()), n_found=int(ais.max()))
+    if "points" in result:
+        areas = {i: int((labels == i).sum()) for i in result["points"]}
+        out.update(point_iou=[compute_iou(mask, labels == i) for i, mask in result["points"].items()],
+                   point_area_ratio=[float(mask.sum()) / areas[i] for i, mask in result["points"].items()])
     classical = baseline(image, baseline_params)
-    return {"ais_msa": mean_segmentation_accuracy(ais, labels), "point_iou": ious,
-            "area_ratio": list(object_area_ratios(ais, labels).values()), "point_area_ratio": point_ratios,
-            "baseline_msa": mean_segmentation_accuracy(classical, labels),
-            "baseline_area_ratio": list(object_area_ratios(classical, labels).values()),
-            "n_objects": int(len(np.unique(labels)) - 1), "n_found": int(ais.max())}
+    out.update(baseline_msa=mean_segmentation_accuracy(classical, labels),
+               baseline_area_ratio=list(object_area_ratios(classical, labels).values()),
+               n_objects=int(len(np.unique(labels)) - 1))
+    return out
 
 
 def _summarise(scores: List[dict]) -> dict:
@@ -186,8 +197,8 @@ def _summarise(scores: List[dict]) -> dict:
 
 
 def evaluate_model(path: str, spec: dict, parts=("styles", "empty", "old", "real"), real_dir: str = REAL_DIR,
-                   verbose: bool = True) -> dict:
-    """All scores of one model file."""
+                   verbose: bool = True, scores: Tuple[str, ...] = ("ais", "points")) -> dict:
+    """All scores of one model file (``scores``: "ais" and / or "points", see :func:`score_image`)."""
     model = _Model(path)
     params = spec["baseline"]["params"]
     results = {"model": path}
@@ -200,12 +211,10 @@ def evaluate_model(path: str, spec: dict, parts=("styles", "empty", "old", "real
     if "styles" in parts:
         by_style: Dict[str, List[dict]] = {}
         for name, image, labels in held_out_images(spec):
-            by_style.setdefault(name, []).append(score_image(model, image, labels, params))
+            by_style.setdefault(name, []).append(score_image(model, image, labels, params, scores))
         results["styles"] = {name: _summarise(scores) for name, scores in by_style.items()}
         log("held-out styles done")
-    if "empty" in parts:
-        from micro_sam.evaluation.classical import otsu_watershed_segmentation  # noqa: F401 (baseline below)
-
+    if "empty" in parts and "ais" in scores:
         results["empty"] = {name: {"n_found": int(model.segment(image)["ais"].max()),
                                    "baseline_n_found": int(baseline(image, params).max())}
                             for name, image in empty_images(spec)}
@@ -213,17 +222,17 @@ def evaluate_model(path: str, spec: dict, parts=("styles", "empty", "old", "real
     if "old" in parts:
         script = _demo_script()
         images, labels = script._images(8, (512, 512), seed=42900)
-        results["old"] = script.evaluate(path, images, labels, "cpu")
+        results["old"] = _summarise([score_image(model, im, lb, params, scores) for im, lb in zip(images, labels)])
         log("old held-out images done")
     if "real" in parts:
         image, labels = real_image(real_dir)
-        results["real"] = _summarise([score_image(model, image, labels, params)])
+        results["real"] = _summarise([score_image(model, image, labels, params, scores)])
         log("real image done")
     if "validation" in parts:
         script = _demo_script()
         images, labels = script._images(16, (512, 512), 42500, "styles", 0.12, 0)
-        scores = [score_image(model, im, lb, params) for im, lb in zip(images, labels) if lb.max() > 0]
-        results["validation"] = _summarise(scores)
+        per_image = [score_image(model, im, lb, params, scores) for im, lb in zip(images, labels) if lb.max() > 0]
+        results["validation"] = _summarise(per_image)
         results["validation"]["n_found_in_empty"] = sum(int(model.segment(im)["ais"].max())
                                                          for im, lb in zip(images, labels) if lb.max() == 0)
         log("validation images done")
@@ -270,6 +279,9 @@ def main(argv=None) -> int:
     parser.add_argument("--styles", default=STYLES, help="The held-out definitions (JSON).")
     parser.add_argument("--parts", default="styles,empty,old,real",
                         help="Comma-separated: styles, empty, old, real, validation.")
+    parser.add_argument("--scores", default="ais,points",
+                        help="Comma-separated: ais, points (e.g. only ais for a model whose prompt parts are "
+                             "unchanged; the rest is NaN).")
     parser.add_argument("--validation", action="store_true", help="Only the validation images (model selection).")
     parser.add_argument("--real-dir", default=REAL_DIR)
     parser.add_argument("--json", default=None, help="Write the results to this file.")
@@ -292,7 +304,8 @@ def main(argv=None) -> int:
     parts = ("validation",) if args.validation else tuple(p.strip() for p in args.parts.split(","))
     all_results = []
     for path in args.model or [BUNDLED]:
-        results = evaluate_model(path, spec, parts, args.real_dir)
+        results = evaluate_model(path, spec, parts, args.real_dir,
+                                 scores=tuple(x.strip() for x in args.scores.split(",")))
         print(format_results(results), flush=True)
         all_results.append(results)
     if args.json:

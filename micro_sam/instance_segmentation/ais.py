@@ -114,8 +114,9 @@ class InstanceSegmentationWithDecoder:
     ) -> None:
         """Compute the image embeddings (unless given) and the decoder's maps.
 
-        An image without contrast (every channel constant, e.g. all zeros) has no objects: its maps are those of
-        the background, without running the model.
+        An image without objects to find, i.e. without contrast (every channel constant, e.g. all zeros) or
+        pure noise (``micro_sam._structure.has_signal``), gets the maps of the background, without running the
+        model: automatic segmentation returns no objects for it.
 
         Args:
             image: (Y, X) or (Y, X, C) image; or a volume / time series together with the slice index ``i``.
@@ -130,11 +131,11 @@ class InstanceSegmentationWithDecoder:
             ValueError: The embeddings belong to an image of another shape, the image is not 2D, or the decoder
                 does not fit the embeddings.
         """
-        from .._image import has_contrast
+        from .._structure import has_signal
         from ..util import handle_pbar, precompute_image_embeddings, set_precomputed
 
         selected = _select_image(image, i) if ndim == 2 or i is not None else None
-        if selected is not None and not has_contrast(selected):
+        if selected is not None and not has_signal(selected):
             if image_embeddings is not None:
                 _check_embeddings_shape(image_embeddings, selected.shape[:2])
             self._set_maps(background_maps(selected.shape[:2]), i)
