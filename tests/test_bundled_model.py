@@ -93,19 +93,32 @@ def test_readme_first_command(tmp_path):
     assert mean_segmentation_accuracy(labels, tifffile.imread(sample_labels_path())) >= MIN_SAMPLE_MSA
 
 
-@pytest.mark.parametrize("kind", ["blank", "constant", "noise"])
-def test_images_without_objects_give_none(demo, kind):
-    from micro_sam.instance_segmentation import InstanceSegmentationWithDecoder
-    from micro_sam.sample_data import synthetic_styled_2d
+def _empty_image_definitions():
+    import json
 
-    style = {"blank": {"kind": "blank", "dtype": "uint16"},
-             "constant": {"kind": "constant", "dtype": "float32", "constant_value": 0.37},
-             "noise": {"kind": "noise", "dtype": "uint16", "photons": 3.0, "read_noise": 1.0, "offset": 100}}[kind]
-    image, labels = synthetic_styled_2d((300, 256), seed=11, style=style)
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
+                        "demo_model_styles.json")
+    with open(path) as f:
+        return json.load(f)["empty"]
+
+
+@pytest.mark.parametrize("entry", _empty_image_definitions(), ids=lambda e: e["name"])
+def test_images_without_objects_give_none(demo, entry):
+    """The blank, constant and pure-noise images of the held-out evaluation (sizes 256 x 256 to 1024 x 1024, uint8,
+    uint16, float32): no objects, untiled and tiled (before issue 23: 39, 57, 56 and 192-268 objects)."""
+    from micro_sam._synthetic_styles import render_style, style_from_dict
+    from micro_sam.instance_segmentation import InstanceSegmentationWithDecoder, TiledInstanceSegmentationWithDecoder
+
+    image, labels = render_style(style_from_dict(entry["style"]), tuple(entry["shape"]),
+                                 np.random.default_rng(entry["seed"]))
     assert labels.max() == 0
     segmenter = InstanceSegmentationWithDecoder(*demo)
     segmenter.initialize(image)
     assert segmenter.generate().max() == 0
+    tiled = TiledInstanceSegmentationWithDecoder(*demo)
+    tiled.initialize(image, tile_shape=(192, 192), halo=(32, 32))
+    result = tiled.generate()
+    assert result.shape == image.shape and result.max() == 0
 
 
 def test_same_segmentation_for_an_image_times_a_constant(demo):
