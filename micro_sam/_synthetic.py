@@ -19,7 +19,7 @@ Rendering model (all images are built in "photon" units first):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import numpy as np
 from scipy import ndimage
@@ -195,11 +195,15 @@ def place_blobs(
     z_radius_range: Optional[Tuple[float, float]] = None,
     max_overlap: float = 0.25,
     max_attempts_per_object: int = 60,
+    make_blob: Optional[Callable[[np.random.Generator], Optional[_Blob]]] = None,
+    strict: bool = True,
 ):
     """Place ``n_objects`` irregular blobs; returns the label partition (uint32) and the list of blobs.
 
     Overlaps are allowed (so objects touch and overlap in the rendered image), but at most ``max_overlap``
     of any object may be hidden behind other objects, and no object may be cut into pieces.
+    ``make_blob(rng)`` draws a candidate (default: :func:`_make_blob` with ``radius_range``). ``strict``: raise
+    when not all objects fit; otherwise return the ones that did.
     """
     labels = np.zeros(shape, dtype="uint32")
     # Objects cut by the image border must keep at least ~1/3 of the smallest possible object size.
@@ -214,11 +218,16 @@ def place_blobs(
     while len(blobs) < n_objects:
         attempts += 1
         if attempts > max_attempts:
+            if not strict:
+                break
             raise ValueError(
                 f"Could not place n_objects={n_objects} objects with radii {radius_range} into an image of "
                 f"shape {shape}: only {len(blobs)} fit. Use fewer objects, smaller radii or a larger shape."
             )
-        blob = _make_blob(rng, shape, radius_range, z_radius_range)
+        if make_blob is None:
+            blob = _make_blob(rng, shape, radius_range, z_radius_range)
+        else:
+            blob = make_blob(rng)
         if blob is None:
             continue
         crop = labels[blob.slices]
@@ -330,6 +339,8 @@ def render_cells(
     while len(seeds) < n_objects:
         attempts += 1
         if attempts > max_attempts:
+            if not strict:
+                break
             raise ValueError(
                 f"Could not place n_objects={n_objects} cells with radii {radius_range} into an image of "
                 f"shape {shape}: only {len(seeds)} fit. Use fewer objects, smaller radii or a larger shape."

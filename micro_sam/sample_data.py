@@ -7,6 +7,7 @@ Offline data (no network needed):
   micro_sam.sample_data import sample_image_path; print(sample_image_path())')" ...``.
 * :func:`synthetic_nuclei_2d`, :func:`synthetic_cells_2d`, :func:`synthetic_nuclei_3d`: realistic synthetic
   fluorescence images with instance labels, deterministic for a given seed.
+* :func:`synthetic_styled_2d`: nuclei-like objects in a random or given look (the demo model's training images).
 * :func:`synthetic_data`: the generic ``(image, labels)`` generator with the signature of micro_sam 1.8.
 
 Downloadable example data (``fetch_*_example_data``): every function downloads one entry of the bundled
@@ -222,6 +223,40 @@ def synthetic_nuclei_3d(
     _check_dtype(dtype)
     rng = np.random.default_rng(seed)
     return _synthetic.render_nuclei(rng, shape, n_objects, radius_range, dtype, z_radius_range=(z_lo, z_hi))
+
+
+def synthetic_styled_2d(
+    shape: Tuple[int, int] = (512, 512),
+    seed: Seed = 0,
+    style: Optional[Dict[str, object]] = None,
+) -> Tuple[np.ndarray, np.ndarray]:
+    """Create a synthetic 2D fluorescence image in a random (or given) look, with instance labels.
+
+    The training images of the bundled demo model: object shape (round, elongated, irregular, lobed), size,
+    density and clusters, brightness (8-bit, 16-bit and float images, dim to bright, inhomogeneous and textured
+    objects, bright spots and outliers), edges (sharp, soft, with a glow), background (gradients, out-of-focus
+    objects, debris), noise and (anisotropic) blur all vary (see ``micro_sam._synthetic_styles``).
+
+    Args:
+        shape: The image shape (height, width); both at least 16.
+        seed: Seed for ``numpy.random.default_rng``; the same seed gives identical arrays.
+        style: Settings of the look (the fields of ``micro_sam._synthetic_styles.Style``, e.g.
+            ``{"radius_range": (4, 8), "dtype": "uint16"}``; the others keep their defaults); None draws a
+            random look from the demo model's training distribution.
+
+    Returns:
+        The image of shape ``shape`` (uint8, uint16 or float32).
+        The instance labels of shape ``shape``, uint32, background 0 and ids 1..N.
+
+    Raises:
+        ValueError: For an invalid shape or style.
+    """
+    from . import _synthetic_styles
+
+    rng = np.random.default_rng(seed)
+    chosen = _synthetic_styles.sample_training_style(rng, 0.0) if style is None else \
+        _synthetic_styles.style_from_dict(style)
+    return _synthetic_styles.render_style(chosen, shape, rng)
 
 
 def synthetic_data(shape: Tuple[int, ...], seed: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:

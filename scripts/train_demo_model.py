@@ -29,6 +29,13 @@ Stages (see the README for the runs that made the bundled file):
         --decoder-from runs/decoder/checkpoints/vit_t_demo/latest.pt
     python scripts/train_demo_model.py --smoke         # 2 iterations end to end, output to a temporary folder
 
+Broadened data (issue 23): ``--data styles`` trains on images in random looks (``micro_sam._synthetic_styles``,
+domain randomisation: shapes, sizes, density, brightness and bit depth, edges, background, noise, blur) plus a
+quarter of the old generators' images, all normalised as for inference; the decoder stage also gets images
+without objects (``--empty-fraction``), which need the foreground cross entropy (``--foreground-bce-weight``)
+because the Dice loss gives them no gradient. ``scripts/evaluate_demo_model.py`` scores a model on the held-out
+styles of ``scripts/demo_model_styles.json``, images without objects, the old held-out images and a real image.
+
 From scratch, micro_sam's Dice loss alone and a learning rate of 2e-4 left the mask decoder predicting the same
 prompt-independent blob for every click for 150 iterations; the cross entropy term (``--bce-weight``,
 ``micro_sam.training.losses.DiceBCELoss``) and a learning rate of 1e-3 for the prompt parts made it follow the clicks
@@ -58,14 +65,33 @@ def _seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _images(n: int, shape, seed: int):
-    """n synthetic images with instance labels, alternating nuclei and cells."""
+def _images(n: int, shape, seed: int, data: str = "synthetic", empty_fraction: float = 0.0, min_objects: int = 0):
+    """n synthetic images with instance labels.
+
+    ``data="synthetic"``: alternating ``synthetic_nuclei_2d`` and ``synthetic_cells_2d``, as generated. ``"styles"``:
+    every fourth image from those two generators (alternating), the others in a random style of
+    ``micro_sam._synthetic_styles.sample_training_style`` (``empty_fraction`` of them without objects); all images
+    normalised to uint8 exactly as for inference (``micro_sam._image.to_image``: each image's minimum to 0, its
+    maximum to 255), so that training sees what the model sees when it is used. A styled image with fewer than
+    ``min_objects`` objects is drawn again (the interactive stages sample at least two objects per image).
+    """
+    from micro_sam._image import to_image
+    from micro_sam._synthetic_styles import render_style, sample_training_style
     from micro_sam.sample_data import synthetic_cells_2d, synthetic_nuclei_2d
 
     images, labels = [], []
     for i in range(n):
-        generate = synthetic_nuclei_2d if i % 2 == 0 else synthetic_cells_2d
-        image, label = generate(tuple(shape), seed=seed + i)
+        if data == "synthetic" or i % 4 == 0:
+            generate = synthetic_nuclei_2d if (i if data == "synthetic" else i // 4) % 2 == 0 else synthetic_cells_2d
+            image, label = generate(tuple(shape), seed=seed + i)
+        else:
+            rng = np.random.default_rng(seed + i)
+            while True:
+                image, label = render_style(sample_training_style(rng, empty_fraction), tuple(shape), rng)
+                if len(np.unique(label)) - 1 >= min_objects:
+                    break
+        if data == "styles":
+            image = to_image(image)[..., 0]
         images.append(image)
         labels.append(label)
     return images, labels
@@ -111,15 +137,28 @@ def _decoder_state_of(path: str) -> Optional[dict]:
     return None
 
 
+def _unetr_encoder_state(path: str) -> dict:
+    """The image encoder of a UNETR trainer checkpoint (``encoder.*``) under SAM's names (``image_encoder.*``)."""
+    from micro_sam._checkpoints import safe_load
+
+    unetr = safe_load(path).get("model_state", {})
+    encoder = {"image_encoder." + k[len("encoder."):]: v for k, v in unetr.items() if k.startswith("encoder.")}
+    if not encoder:
+        raise ValueError(f"{path} is no UNETR trainer checkpoint (no 'encoder.*' parameters).")
+    return encoder
+
+
 def assemble(base: str, output: str, prompt_parts_from: Optional[str] = None,
-             decoder_from: Optional[str] = None, half: bool = False, image_size: Optional[int] = None) -> None:
+             decoder_from: Optional[str] = None, half: bool = False, image_size: Optional[int] = None,
+             encoder_from: Optional[str] = None) -> None:
     """Write a model file ``{"model_state", "decoder_state"[, "image_size"]}`` built from checkpoints.
 
     ``base`` gives everything; ``prompt_parts_from`` replaces the prompt encoder and mask decoder (the result of
     the interactive stage), ``decoder_from`` the UNETR decoder state (a model file, a SAM trainer checkpoint or a
-    UNETR trainer checkpoint). ``half``: floating tensors in float16. ``image_size``: record this encoder input
-    size instead of the base's (vit_t's parameters do not depend on it; the model is rebuilt at this size when
-    loaded). Written atomically.
+    UNETR trainer checkpoint), ``encoder_from`` the image encoder (a UNETR trainer checkpoint of a decoder stage
+    that also trained the encoder). ``half``: floating tensors in float16. ``image_size``: record this encoder
+    input size instead of the base's (vit_t's parameters do not depend on it; the model is rebuilt at this size
+    when loaded). Written atomically.
     """
     import torch
 
@@ -130,6 +169,12 @@ def assemble(base: str, output: str, prompt_parts_from: Optional[str] = None,
     if prompt_parts_from is not None:
         other, _, _ = split_checkpoint(safe_load(prompt_parts_from), prompt_parts_from)
         model_state.update((k, v) for k, v in other.items() if k.startswith(_PROMPT_PARTS))
+    if encoder_from is not None:
+        encoder = _unetr_encoder_state(encoder_from)
+        own = {k for k in model_state if k.startswith("image_encoder.")}
+        if set(encoder) != own:
+            raise ValueError(f"The encoder of {encoder_from} does not fit {base}: {len(set(encoder) ^ own)} keys differ.")
+        model_state.update(encoder)
     if decoder_from is not None:
         decoder_state = _decoder_state_of(decoder_from)
     if decoder_state is None:
@@ -214,14 +259,18 @@ def _interactive_freeze(n_trained_stages: int, image_size: int) -> List[str]:
 def _train_and_export(args, parser, shape, output: str) -> None:
     """Run one training stage (continuing from ``latest.pt``) and export its checkpoint."""
     from micro_sam.training import default_sam_loader, train_instance_segmentation, train_sam
-    from micro_sam.training.losses import DiceBCELoss
+    from micro_sam.training.losses import DiceBCEDistanceLoss, DiceBCELoss
 
-    train_images, train_labels = _images(args.n_train, shape, seed=args.seed * 1000)
-    val_images, val_labels = _images(args.n_val, shape, seed=args.seed * 1000 + 500)
     joint, decoder_only = args.stage == "joint", args.stage == "decoder"
+    # the interactive loss needs objects in every image: images without objects only for the decoder stage
+    empty = args.empty_fraction if decoder_only else 0.0
+    min_objects = 0 if decoder_only else 2
+    train_images, train_labels = _images(args.n_train, shape, args.seed * 1000, args.data, empty, min_objects)
+    val_images, val_labels = _images(args.n_val, shape, args.seed * 1000 + 500, args.data, empty, min_objects)
     if not joint and args.init_from is None:
         parser.error(f"--stage {args.stage} needs --init-from (the model whose image encoder is kept).")
-    common = dict(raw_key=None, label_key=None, patch_shape=shape, with_segmentation_decoder=joint or decoder_only)
+    common = dict(raw_key=None, label_key=None, patch_shape=shape, with_segmentation_decoder=joint or decoder_only,
+                  min_size=args.min_size)
     if decoder_only:
         common["train_instance_segmentation_only"] = True
     train_loader = default_sam_loader(raw_paths=train_images, label_paths=train_labels, shuffle=True, batch_size=1,
@@ -244,9 +293,11 @@ def _train_and_export(args, parser, shape, output: str) -> None:
     if remaining > 0 and decoder_only:
         train_instance_segmentation(
             name=NAME, model_type="vit_t", train_loader=train_loader, val_loader=val_loader,
-            n_iterations=remaining, checkpoint_path=initial, freeze=["image_encoder"], lr=args.lr,
+            n_iterations=remaining, checkpoint_path=initial, lr=args.lr,
+            freeze=_interactive_freeze(args.train_encoder_stages, args.image_size),
             save_root=args.save_root, device=args.device, early_stopping=None, verify_n_labels_in_loader=2,
             load_from_checkpoint="latest" if done > 0 else None,
+            loss=DiceBCEDistanceLoss(args.foreground_bce_weight) if args.foreground_bce_weight else None,
         )
     elif remaining > 0:
         train_sam(
@@ -266,7 +317,8 @@ def _train_and_export(args, parser, shape, output: str) -> None:
 
     best = os.path.join(args.save_root, "checkpoints", NAME, f"{args.export_checkpoint}.pt")
     if decoder_only:
-        export_half_precision(args.init_from, output, decoder_from=best)
+        assemble(args.init_from, output, decoder_from=best, half=True,
+                 encoder_from=best if args.train_encoder_stages else None)
     else:
         export_half_precision(best, output, decoder_from=None if joint else args.init_from)
     what = f"{args.init_from} with the decoder of {best}" if decoder_only else best
@@ -323,10 +375,24 @@ def main(argv=None):
                         help="Interactive stage: image embeddings of the frozen encoder kept for reuse (distinct "
                         "augmented images, 1 MB each at --image-size 512; TrainableSAM's embedding_cache_size).")
     parser.add_argument("--train-encoder-stages", type=int, default=0,
-                        help="Interactive stage: also train the last N of the encoder's 5 stages (patch embedding, "
-                        "4 layers) and its neck, their batch norms kept frozen; the embedding cache then keeps the "
-                        "output of the frozen stages. The export holds the changed encoder; train the UNETR "
-                        "decoder on it afterwards (--stage decoder --init-from <export>).")
+                        help="Interactive and decoder stage: also train the last N of the encoder's 5 stages (patch "
+                        "embedding, 4 layers) and its neck, their batch norms kept frozen; the embedding cache then "
+                        "keeps the output of the frozen stages. The export holds the changed encoder; train the "
+                        "part that was not trained on it afterwards (e.g. --stage decoder --init-from <export>).")
+    parser.add_argument("--data", choices=["synthetic", "styles"], default="synthetic",
+                        help="Training and validation images: synthetic: micro_sam.sample_data's nuclei and cells "
+                        "generators; styles: a quarter of those, the rest in random styles (domain randomisation, "
+                        "micro_sam._synthetic_styles), all normalised as for inference. The held-out images of "
+                        "the final evaluation are always those of the synthetic generators.")
+    parser.add_argument("--empty-fraction", type=float, default=0.1,
+                        help="--data styles, --stage decoder: fraction of the styled images without objects "
+                        "(blank, constant, noise, background only).")
+    parser.add_argument("--min-size", type=int, default=25,
+                        help="Objects smaller than this (pixels) are removed from the training labels.")
+    parser.add_argument("--foreground-bce-weight", type=float, default=0.0,
+                        help="--stage decoder: add this weight times the foreground's cross entropy to the UNETR "
+                        "loss (micro_sam.training.losses.DiceBCEDistanceLoss); needed for images without objects, "
+                        "which give the Dice loss no gradient. 0: micro_sam's loss.")
     parser.add_argument("--device", default=None)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--smoke", action="store_true", help="2 iterations on small images, output to a temp dir.")
@@ -348,7 +414,7 @@ def main(argv=None):
 
     _seed(args.seed)
     shape = (args.patch, args.patch)
-    test_images, test_labels = _images(args.n_test, shape, seed=args.seed * 1000 + 900)
+    test_images, test_labels = _images(args.n_test, shape, seed=args.seed * 1000 + 900)  # always the old generator
     if args.stage == "assemble":
         if args.init_from is None:
             parser.error("--stage assemble needs --init-from (the model that gives everything else).")

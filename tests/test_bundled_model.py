@@ -14,6 +14,7 @@ from micro_sam import _registry
 MIN_AIS_MSA = 0.74
 MIN_POINT_IOU = 0.84
 MIN_SAMPLE_MSA = 0.73
+MIN_DIM_16BIT_MSA = 0.25  # measured 0.30: the model is poor on dim 16-bit looks (docs/demo_model.md)
 
 
 @pytest.fixture(scope="module")
@@ -90,3 +91,56 @@ def test_readme_first_command(tmp_path):
     assert labels.shape == (512, 512)
     assert imageio.imread(tmp_path / "segmentation_overlay.png").shape[:2] == (512, 512)
     assert mean_segmentation_accuracy(labels, tifffile.imread(sample_labels_path())) >= MIN_SAMPLE_MSA
+
+
+def _empty_image_definitions():
+    import json
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
+                        "demo_model_styles.json")
+    with open(path) as f:
+        return json.load(f)["empty"]
+
+
+@pytest.mark.parametrize("entry", _empty_image_definitions(), ids=lambda e: e["name"])
+def test_images_without_objects_give_none(demo, entry):
+    """The blank, constant and pure-noise images of the held-out evaluation (sizes 256 x 256 to 1024 x 1024, uint8,
+    uint16, float32): no objects, untiled and tiled (before issue 23: 39, 57, 56 and 192-268 objects)."""
+    from micro_sam._synthetic_styles import render_style, style_from_dict
+    from micro_sam.instance_segmentation import InstanceSegmentationWithDecoder, TiledInstanceSegmentationWithDecoder
+
+    image, labels = render_style(style_from_dict(entry["style"]), tuple(entry["shape"]),
+                                 np.random.default_rng(entry["seed"]))
+    assert labels.max() == 0
+    segmenter = InstanceSegmentationWithDecoder(*demo)
+    segmenter.initialize(image)
+    assert segmenter.generate().max() == 0
+    tiled = TiledInstanceSegmentationWithDecoder(*demo)
+    tiled.initialize(image, tile_shape=(192, 192), halo=(32, 32))
+    result = tiled.generate()
+    assert result.shape == image.shape and result.max() == 0
+
+
+def test_same_segmentation_for_an_image_times_a_constant(demo):
+    """A dim 16-bit image and the same image times 7 give the model the same input (each image is stretched to its
+    own minimum and maximum) and the same segmentation; as float divided by 1000 the input differs by at most one
+    grey level (micro_sam's rounding down after the float32 division; on this look that changes the segmentation,
+    see docs/demo_model.md)."""
+    from micro_sam._image import to_image
+    from micro_sam.evaluation.metrics import mean_segmentation_accuracy
+    from micro_sam.instance_segmentation import InstanceSegmentationWithDecoder
+    from micro_sam.sample_data import synthetic_styled_2d
+
+    style = {"radius_range": (8, 14), "photons": 40, "background": 0.3, "offset": 90, "gain": 2.0,
+             "dtype": "uint16", "read_noise": 1.5}
+    image, labels = synthetic_styled_2d((256, 256), seed=3, style=style)
+    assert image.max() < 400  # dim: a few hundred grey values of 65535
+    assert np.array_equal(to_image(image * 7), to_image(image))
+    assert np.abs(to_image(image.astype("float32") / 1000).astype(int) - to_image(image)).max() <= 1
+    segmenter = InstanceSegmentationWithDecoder(*demo)
+    results = []
+    for scaled in (image, image * 7):
+        segmenter.initialize(scaled)
+        results.append(segmenter.generate())
+    assert mean_segmentation_accuracy(results[0], labels) >= MIN_DIM_16BIT_MSA
+    assert np.array_equal(results[1], results[0])

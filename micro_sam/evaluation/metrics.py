@@ -35,6 +35,7 @@ __all__ = [
     "match_objects",
     "matching",
     "mean_segmentation_accuracy",
+    "object_area_ratios",
     "segmentation_accuracy",
     "precision",
     "recall",
@@ -394,3 +395,47 @@ def dice_score(segmentation: np.ndarray, groundtruth: np.ndarray, threshold_seg:
     b = groundtruth.astype(bool) if threshold_gt is None else groundtruth > threshold_gt
     total = int(a.sum()) + int(b.sum())
     return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
+
+
+def object_area_ratios(segmentation: np.ndarray, groundtruth: np.ndarray, ignore_label: Optional[int] = 0
+                       ) -> Dict[int, float]:
+    """For each ground-truth object, the size of the predicted object that covers most of it, divided by its size.
+
+    A ratio of 1 means outlines of the right size; 2 means the predicted object is twice as large (outlines too
+    wide, or the object merged with a neighbour), 0.5 half as large. Ground-truth objects that no predicted object
+    overlaps are left out (they are misses, which the segmentation accuracy counts). Of two predicted objects with
+    the same overlap the one with the smaller id is taken.
+
+    Args:
+        segmentation: The predicted label image, any shape.
+        groundtruth: The ground-truth label image, same shape.
+        ignore_label: The label value that is not an object in either image (background); None: none.
+
+    Returns:
+        Ground-truth object id -> predicted area / true area.
+
+    Raises:
+        ValueError: If the shapes differ.
+    """
+    segmentation, groundtruth = np.asarray(segmentation), np.asarray(groundtruth)
+    if segmentation.shape != groundtruth.shape:
+        raise ValueError(f"segmentation (shape {segmentation.shape}) and groundtruth (shape {groundtruth.shape}) "
+                         "must have the same shape.")
+    pred_ids, pred_index = np.unique(segmentation.ravel(), return_inverse=True)
+    true_ids, true_index = np.unique(groundtruth.ravel(), return_inverse=True)
+    pred_areas = np.bincount(pred_index, minlength=len(pred_ids))
+    true_areas = np.bincount(true_index, minlength=len(true_ids))
+    pred_is_object = pred_ids != ignore_label if ignore_label is not None else np.ones(len(pred_ids), bool)
+    keep = pred_is_object[pred_index]
+    table = coo_matrix((np.ones(int(keep.sum()), dtype=np.int64), (true_index[keep], pred_index[keep])),
+                       shape=(len(true_ids), len(pred_ids))).tocsr()
+    ratios = {}
+    for t, true_id in enumerate(true_ids):
+        if ignore_label is not None and true_id == ignore_label:
+            continue
+        row = table.getrow(t)
+        if row.nnz == 0:
+            continue
+        best = row.indices[row.data == row.data.max()].min()  # ties: the smaller predicted id
+        ratios[int(true_id)] = float(pred_areas[best] / true_areas[t])
+    return ratios

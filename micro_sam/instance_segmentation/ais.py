@@ -34,6 +34,13 @@ def _check_decoder(predictor, decoder) -> None:
         )
 
 
+def background_maps(shape: Tuple[int, int]) -> np.ndarray:
+    """The (3, H, W) decoder maps of an image without objects: foreground 0, both distances 1 (far from any)."""
+    maps = np.ones((3,) + tuple(int(s) for s in shape), dtype="float32")
+    maps[0] = 0.0
+    return maps
+
+
 def run_decoder(decoder, features, input_size, original_size) -> np.ndarray:
     """Apply the decoder to (1, C, h, w) embeddings; returns the (3, H, W) float32 maps.
 
@@ -107,6 +114,10 @@ class InstanceSegmentationWithDecoder:
     ) -> None:
         """Compute the image embeddings (unless given) and the decoder's maps.
 
+        An image without objects to find, i.e. without contrast (every channel constant, e.g. all zeros) or
+        pure noise (``micro_sam._structure.has_signal``), gets the maps of the background, without running the
+        model: automatic segmentation returns no objects for it.
+
         Args:
             image: (Y, X) or (Y, X, C) image; or a volume / time series together with the slice index ``i``.
             image_embeddings: Precomputed embeddings of this image (see ``util.precompute_image_embeddings``).
@@ -120,8 +131,15 @@ class InstanceSegmentationWithDecoder:
             ValueError: The embeddings belong to an image of another shape, the image is not 2D, or the decoder
                 does not fit the embeddings.
         """
+        from .._structure import has_signal
         from ..util import handle_pbar, precompute_image_embeddings, set_precomputed
 
+        selected = _select_image(image, i) if ndim == 2 or i is not None else None
+        if selected is not None and not has_signal(selected):
+            if image_embeddings is not None:
+                _check_embeddings_shape(image_embeddings, selected.shape[:2])
+            self._set_maps(background_maps(selected.shape[:2]), i)
+            return
         if image_embeddings is None:
             image_embeddings = precompute_image_embeddings(self._predictor, image, ndim=ndim, verbose=verbose)
         image = _select_image(image, i)

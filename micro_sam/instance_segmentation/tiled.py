@@ -19,7 +19,7 @@ import numpy as np
 
 from .. import _tiling
 from . import _mask_store as store
-from .ais import InstanceSegmentationWithDecoder, run_decoder
+from .ais import InstanceSegmentationWithDecoder, background_maps, run_decoder
 from .amg import AutomaticMaskGenerator, _select_image
 
 __all__ = ["TiledAutomaticMaskGenerator", "TiledInstanceSegmentationWithDecoder"]
@@ -225,6 +225,18 @@ class TiledAutomaticMaskGenerator(AutomaticMaskGenerator):
                               min_mask_region_area, output_mode, with_background, select=self._deduplicate)
 
 
+def _context(outer: Tuple[slice, slice], shape: Tuple[int, int], min_size: int = 64) -> Tuple[slice, slice]:
+    """The tile's outer block grown to at least ``min_size`` pixels per axis (within the image): the block in which
+    it is decided whether the tile holds anything beyond noise (a thin tile at the border holds too few pixels)."""
+    out = []
+    for sl, n in zip(outer, shape):
+        grow = max(0, min_size - (sl.stop - sl.start))
+        start = max(0, sl.start - grow // 2 - grow % 2)
+        stop = min(n, max(sl.stop + grow // 2, start + min_size))
+        out.append(slice(max(0, min(start, stop - min_size)), stop))
+    return tuple(out)
+
+
 class TiledInstanceSegmentationWithDecoder(InstanceSegmentationWithDecoder):
     """Decoder-based instance segmentation on tiled embeddings: the maps of all tiles are stitched (inner
     regions) and segmented at once, so the result is seamless. Same interface as the untiled class.
@@ -259,21 +271,30 @@ class TiledInstanceSegmentationWithDecoder(InstanceSegmentationWithDecoder):
             pbar_update: External progress bar callback ``pbar_update(n)``.
             batch_size: Tiles per encoder pass when computing embeddings.
             mask: Optional (Y, X) mask; only tiles overlapping it are processed (others stay background).
+
+        Tiles without contrast or with pure noise (judged on at least 64 x 64 pixels around them) stay background
+        without running the decoder, as does the whole image (see the untiled class).
         """
+        from .._structure import has_signal
         from ..util import handle_pbar, set_precomputed
 
         image = _select_image(image, i)
         shape = tuple(int(s) for s in image.shape[:2])
+        if image_embeddings is None and not has_signal(image):  # nothing to find: no embeddings either
+            self._set_maps(background_maps(shape), i)
+            return
         image_embeddings, tile_shape, halo, tile_ids = _process_tiled_embeddings(
             self._predictor, image, image_embeddings, tile_shape, halo, verbose, batch_size, mask, i
         )
-        maps = np.zeros((3,) + shape, dtype="float32")
-        maps[1:] = 1.0  # outside processed tiles: background, far from any object
+        maps = background_maps(shape)  # outside processed tiles: background, far from any object
         _, init, update, close = handle_pbar(verbose, pbar_init, pbar_update)
         init(len(tile_ids), "Initialize tiled instance segmentation with decoder")
         try:
             for tile_id in tile_ids:
                 tile = _tiling.get_tile(tile_id, shape, tile_shape, halo)
+                if not has_signal(image[_context(tile.outer, shape)]):  # constant or noise: no objects (2D class)
+                    update(1)
+                    continue
                 set_precomputed(self._predictor, image_embeddings, i=i, tile_id=tile_id)
                 predictor = self._predictor
                 output = run_decoder(self._decoder, predictor.features, predictor.input_size,

@@ -28,7 +28,7 @@ from .configurations import CONFIGURATIONS, find_best_configuration, get_trainin
 from .data import (check_instance_labels, default_sam_dataset, default_sam_loader, iterate_batches,
                    with_batch_size)
 from .sam_trainer import CheckpointMixin, SamLogger, SamTrainer
-from .joint_sam_trainer import JointSamLogger, JointSamTrainer
+from .joint_sam_trainer import JointSamLogger, JointSamTrainer, commute_upsamplers
 from .trainable_sam import frozen_parts_to_eval
 from .util import ConvertToSamInputs, get_trainable_sam_model
 from .._lazy import lazy_attributes
@@ -485,6 +485,7 @@ def train_instance_segmentation(
         )
         model = get_unetr(image_encoder=sam_model.sam.image_encoder, decoder_state=state.get("decoder_state"),
                           device=device, flexible_load_checkpoint=not strict_decoder_loading)
+        commute_upsamplers(model)  # the same function, its 1x1 convolutions on 4x fewer pixels (as in joint training)
         loss = torch_em.loss.DiceBasedDistanceLoss(mask_distances_in_bg=True) if loss is None else loss
         trainable = [p for p in model.parameters() if p.requires_grad]
         _count_parameters(trainable)

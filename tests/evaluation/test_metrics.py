@@ -235,3 +235,24 @@ def test_matches_brute_force_reference(seed):
     gt, seg = random_labels(5), random_labels(5)
     for threshold in (0.1, 0.3, 0.5, 0.7):
         assert matching(seg, gt, threshold=threshold)["tp"] == _brute_force_tp(seg, gt, threshold)
+
+
+def test_object_area_ratios_known_answer():
+    from micro_sam.evaluation.metrics import object_area_ratios
+
+    gt = np.zeros((10, 12), dtype="uint16")
+    gt[:4, :4] = 1          # 16 px
+    gt[6:, 6:10] = 2        # 16 px
+    gt[0, 10:] = 3          # 2 px, missed
+    seg = np.zeros_like(gt)
+    seg[:5, :5] = 7         # covers object 1: 25 px -> 25 / 16
+    seg[6:8, 6:10] = 9      # covers half of object 2: 8 px -> 0.5
+    seg[8:, 6:] = 4         # the other half of object 2 (8 px of its 12): a tie in overlap, the first id wins
+    ratios = object_area_ratios(seg, gt)
+    assert ratios == {1: 25 / 16, 2: 12 / 16}
+    # a merge: one predicted object over both objects gives each a ratio of 2
+    merged = np.where(gt > 0, 5, 0)
+    merged[gt == 3] = 0
+    assert object_area_ratios(merged, gt) == {1: 2.0, 2: 2.0}
+    with pytest.raises(ValueError, match="same shape"):
+        object_area_ratios(seg[:5], gt)

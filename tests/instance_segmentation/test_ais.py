@@ -131,3 +131,65 @@ def test_tiled_and_untiled_ais_agree(cells, tile_shape, halo):
         tiled.initialize(image, image_embeddings=embeddings)
     with pytest.raises(ValueError, match="tiled"):
         untiled.initialize(image, image_embeddings=tiled_embeddings)
+
+
+@pytest.mark.parametrize("value,channels", [(0, None), (7, None), (1000, 3), (0.25, None)])
+def test_ais_image_without_contrast_gives_no_objects_without_running_the_decoder(cells, value, channels):
+    _, labels, maps = cells  # the stub decoder would report the objects of `labels` wherever it is run
+    segmenter, embeddings = _segmenter(labels, maps)
+    image = np.full(labels.shape if channels is None else labels.shape + (channels,), value)
+    segmenter.initialize(image, image_embeddings=embeddings)
+    assert segmenter._decoder.calls == 0
+    assert segmenter.generate().max() == 0 and segmenter.generate(output_mode="binary_mask") == []
+    state = segmenter.get_state()
+    assert state["foreground"].max() == 0 and state["center_distances"].min() == 1
+    # a single different pixel is a hot pixel, not an object: still no objects
+    image = image.copy()
+    image[5, 5] = value + 1
+    segmenter.initialize(image, image_embeddings=embeddings)
+    assert segmenter._decoder.calls == 0 and segmenter.generate().max() == 0
+    # a 6 x 6 square: the decoder runs (and finds its objects)
+    image[5:11, 5:11] = value + 1
+    segmenter.initialize(image, image_embeddings=embeddings)
+    assert segmenter._decoder.calls == 1 and segmenter.generate().max() == labels.max()
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "poisson", "camera_uint16"])
+def test_ais_pure_noise_gives_no_objects_without_running_the_decoder(cells, kind):
+    image, labels, maps = cells
+    segmenter, embeddings = _segmenter(labels, maps)
+    rng = np.random.default_rng(3)
+    noise = {"gaussian": lambda: rng.normal(0.4, 0.05, labels.shape).astype("float32"),
+             "poisson": lambda: rng.poisson(3, labels.shape).astype("uint8"),
+             "camera_uint16": lambda: (100 + rng.poisson(20, labels.shape) + rng.normal(0, 2, labels.shape)
+                                       ).astype("uint16")}[kind]()
+    segmenter.initialize(noise, image_embeddings=embeddings)
+    assert segmenter._decoder.calls == 0 and segmenter.generate().max() == 0
+    # the cells under the same noise (contrast 4 times its mean level): the decoder runs
+    scaled = image.astype("float32") / image.max() * 4 * float(noise.mean()) + noise
+    segmenter.initialize(scaled.astype(noise.dtype), image_embeddings=embeddings)
+    assert segmenter._decoder.calls == 1 and segmenter.generate().max() == labels.max()
+
+
+@pytest.mark.parametrize("fill", ["constant", "noise"])
+def test_tiled_ais_skips_tiles_without_contrast(cells, fill):
+    image, labels, maps = cells
+    tile_shape, halo = (64, 64), (8, 8)
+    flat = image.copy()
+    # the right half is constant or noise: tiles whose outer block lies there see nothing
+    rng = np.random.default_rng(0)
+    flat[:, 130:] = 5 if fill == "constant" else rng.poisson(5, flat[:, 130:].shape).astype(flat.dtype)
+    predictor, _ = make_stub_predictor(labels, img_size=256)
+    decoder = StubDecoder(maps, tiling=(tile_shape, halo))
+    tiled = get_instance_segmentation_generator(predictor, is_tiled=True, decoder=decoder)
+    tiled.initialize(flat, image_embeddings=tiled_embeddings_with_ids(labels.shape, tile_shape, halo, img_size=256))
+    from micro_sam import _tiling
+
+    tiles = list(_tiling.iterate_tiles(labels.shape, tile_shape, halo))
+    with_contrast = [t for t in tiles if t.outer[1].start < 130]
+    assert 0 < decoder.calls == len(with_contrast) < len(tiles)
+    processed = np.zeros(labels.shape, dtype=bool)
+    for tile in with_contrast:
+        processed[tile.inner] = True
+    seg = tiled.generate()
+    assert not processed.all() and seg[~processed].max() == 0 and seg[:, :120].max() > 0

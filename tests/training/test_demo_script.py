@@ -2,6 +2,7 @@
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -35,6 +36,16 @@ def test_assemble_takes_each_part_from_its_stage(tmp_path):
     assert torch.equal(result["model_state"]["prompt_encoder.w"], t["f"])     # prompt parts of the interactive one
     assert torch.equal(result["model_state"]["mask_decoder.w"], t["g"])
     assert list(result["decoder_state"]) == ["base.w"] and torch.equal(result["decoder_state"]["base.w"], t["h"])
+
+    # a decoder stage that also trained the encoder: encoder and UNETR decoder from its checkpoint
+    both = tmp_path / "both.pt"
+    script.assemble(str(joint), str(both), decoder_from=str(unetr), encoder_from=str(unetr))
+    result = torch.load(both, weights_only=True)
+    assert torch.equal(result["model_state"]["image_encoder.w"], t["e"])
+    assert torch.equal(result["model_state"]["prompt_encoder.w"], t["b"])
+    assert torch.equal(result["decoder_state"]["base.w"], t["h"])
+    with pytest.raises(ValueError, match="no UNETR trainer checkpoint"):
+        script.assemble(str(joint), str(both), encoder_from=str(interactive))
 
     half = tmp_path / "half.pt"
     script.export_half_precision(str(out), str(half))
@@ -74,3 +85,26 @@ def test_interactive_freeze_trains_the_encoder_end_with_frozen_batch_norms():
     assert model.sam.mask_decoder.training
     with pytest.raises(ValueError, match=r"\[0, 5\]"):
         script._interactive_freeze(6, 256)
+
+
+def test_styled_training_images_are_normalised_as_for_inference():
+    from micro_sam._image import to_image
+    from micro_sam.sample_data import synthetic_cells_2d, synthetic_nuclei_2d
+
+    script = _script()
+    images, labels = script._images(9, (96, 96), 500, data="styles", empty_fraction=0.0, min_objects=2)
+    again, _ = script._images(9, (96, 96), 500, data="styles", empty_fraction=0.0, min_objects=2)
+    for image, other in zip(images, again):
+        np.testing.assert_array_equal(image, other)
+    for i, (image, label) in enumerate(zip(images, labels)):
+        assert image.dtype == np.uint8 and image.shape == label.shape == (96, 96)
+        assert image.min() == 0 and image.max() >= 254  # stretched to the full range, as to_image does
+        assert len(np.unique(label)) - 1 >= 2
+    # every fourth image comes from the old generators (nuclei, cells, ...), normalised the same way
+    nuclei, nuclei_labels = synthetic_nuclei_2d((96, 96), seed=500)
+    np.testing.assert_array_equal(images[0], to_image(nuclei)[..., 0])
+    np.testing.assert_array_equal(labels[0], nuclei_labels)
+    np.testing.assert_array_equal(images[4], to_image(synthetic_cells_2d((96, 96), seed=504)[0])[..., 0])
+    # images without objects only where asked for
+    _, labels = script._images(40, (64, 64), 900, data="styles", empty_fraction=0.5)
+    assert 5 < sum(label.max() == 0 for label in labels) < 25

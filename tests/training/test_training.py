@@ -265,8 +265,14 @@ def test_instance_segmentation_training_and_export(tmp_path, small_models, monke
     train_loader, val_loader, _ = _loaders(True, n_train=2, n_val=1, shape=(64, 64),
                                            train_instance_segmentation_only=True)
     assert next(iter(train_loader))[1].shape[1] == 3
+    from micro_sam.training import training as training_module
+
+    commuted = []
+    original = training_module.commute_upsamplers
+    monkeypatch.setattr(training_module, "commute_upsamplers", lambda model: commuted.append(original(model)))
     train_instance_segmentation("ais", "vit_b", train_loader, val_loader, n_iterations=2, device="cpu",
                                 save_root=str(tmp_path), verify_n_labels_in_loader=1)
+    assert commuted == [8]  # the UNETR's upsamplers convolve before they interpolate (same function, faster)
     trained = tmp_path / "checkpoints" / "ais" / "best.pt"
     state = torch.load(trained, weights_only=True)["model_state"]
     assert any(k.startswith("encoder.") for k in state) and any(k.startswith("decoder.") for k in state)
