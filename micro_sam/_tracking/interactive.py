@@ -58,7 +58,8 @@ def track_mask_across_frames(
     - after the last segmented frame, as soon as the new mask overlaps the shifted previous mask with an IoU
       below ``iou_threshold`` (the object left or SAM lost it; that frame stays empty),
     - at the last segmented frame if ``stop_upper`` is True (it marks where the object ends; it stays as given),
-    - when the mask becomes empty, or at the end of the time series.
+    - when the mask becomes empty after the last segmented frame, or at the end of the time series (an empty mask
+      before a later segmented frame leaves the frames up to it empty; tracking resumes from that frame).
 
     This mirrors the tracking step of micro_sam 1.8's tracking annotator; the caller turns the prompts of the
     annotated frames into masks first (e.g. with :mod:`micro_sam.prompt_based_segmentation`).
@@ -136,7 +137,9 @@ def track_mask_across_frames(
         previous = result[t - 1] != 0
         if motion is not None:
             previous = ndimage.shift(previous, motion, order=0, prefilter=False)
-        if not previous.any():
+        if not previous.any():  # lost: wait for the next segmented frame, or end the track
+            if t < t_last:
+                continue
             break
         mask = _segment_from_mask(
             predictor, previous, image_embeddings=image_embeddings, i=t, use_box=use_box, use_mask=use_mask,
