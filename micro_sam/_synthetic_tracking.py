@@ -123,6 +123,7 @@ def _move(rng, nuclei: List[_Nucleus], shape: Tuple[int, int], speed: float) -> 
 
 def _place_initial(rng, shape, n_objects, radius_range, cycle_range) -> List[_Nucleus]:
     nuclei: List[_Nucleus] = []
+    centers, radii = np.zeros((n_objects, 2)), np.zeros(n_objects)
     attempts = 0
     while len(nuclei) < n_objects:
         attempts += 1
@@ -133,8 +134,10 @@ def _place_initial(rng, shape, n_objects, radius_range, cycle_range) -> List[_Nu
             )
         radius = rng.uniform(*radius_range)
         center = rng.uniform((radius, radius), (shape[0] - radius, shape[1] - radius))
-        if any(np.linalg.norm(center - n.center) < 1.1 * (radius + n.radius) for n in nuclei):
+        n = len(nuclei)
+        if n and (np.linalg.norm(centers[:n] - center, axis=1) < 1.1 * (radius + radii[:n])).any():
             continue
+        centers[n], radii[n] = center, radius
         cycle = int(rng.integers(cycle_range[0], cycle_range[1] + 1))
         nucleus = _new_nucleus(rng, len(nuclei) + 1, center, radius, (cycle, cycle), age=rng.integers(0, cycle))
         # Earlier in its cycle the nucleus is smaller.
