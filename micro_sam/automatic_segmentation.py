@@ -491,7 +491,8 @@ def _build_parser():
 def _plan_outputs(inputs: List[str], output_path: str, embedding_path: Optional[str], tracking: bool):
     """(input, output, embedding) paths: one output for one input, else a folder of <name>.tif outputs."""
     names = [Path(p.rstrip("/")).stem for p in inputs]
-    single = len(inputs) == 1 and not os.path.isdir(output_path)
+    # With --tracking the output of a single input is a folder itself (the CTC result), as in micro_sam 1.8.
+    single = len(inputs) == 1 and (tracking or not os.path.isdir(output_path))
     if not single and len(set(names)) != len(names):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         raise ValueError(f"Several inputs have the same name {duplicates}; their outputs would collide.")
