@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import warnings
-from numbers import Integral
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
@@ -37,11 +36,9 @@ def _validate_timeseries(timeseries, n_frames_needed: int = 2) -> Tuple[int, ...
 
 
 def _validate_extent(value, name: str) -> Optional[int]:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, Integral) or value < 0:
-        raise ValueError(f"{name} must be None or a non-negative integer (frames), got {value!r}.")
-    return int(value)
+    from ..multi_dimensional_segmentation import _validate_optional_int
+
+    return _validate_optional_int(value, name)
 
 
 def _check_output_folder(output_folder) -> None:

@@ -235,47 +235,40 @@ class OverlapLinker:
         row_nodes, row_alternative = [], []
         cand_rows, cand_cols, cand_costs = [], [], []
 
+        def add_candidates(node_offset, i, j, cost, alternative):
+            """Rows for the objects i (node ids node_offset + i) with their candidate columns j and costs."""
+            row_of = {m: len(row_nodes) + k for k, m in enumerate(np.unique(i).tolist())}
+            row_nodes.extend(node_offset + m for m in row_of)
+            row_alternative.extend([alternative] * len(row_of))
+            cand_rows.extend(row_of[m] for m in i.tolist())
+            cand_cols.extend(j.tolist())
+            cand_costs.extend(cost.tolist())
+
         if divisions:
             mothers = np.flatnonzero(n_successors[off_a:off_a + len(a.labels)] == 1)
             if len(mothers):
                 i, j, _, overlap, distance = _candidates(a, b, max_distance, rows_a=mothers, cols_b=new)
-                sibling = successor[off_a + i] - off_b
+                sibling = successor[off_a + i] - off_b  # the first daughter, linked in step 1
                 area_i, area_j, area_s = a.areas[i], b.areas[j], b.areas[sibling]
-                ok = ((overlap > 0) | (distance <= max_distance)) & (sibling >= 0) & (sibling < len(b.labels))
+                ok = (overlap > 0) | (distance <= max_distance)
                 ok &= (area_j < area_i) & (area_s < area_i) & (area_j + area_s <= _MAX_DAUGHTER_AREA_RATIO * area_i)
                 cost = (1.0 - overlap / area_j) + distance / max_distance
                 cost += np.abs(area_j - area_s) / (area_j + area_s)
-                mother_rows = {m: len(row_nodes) + k for k, m in enumerate(np.unique(i[ok]).tolist())}
-                for m in mother_rows:
-                    row_nodes.append(off_a + m)
-                    row_alternative.append(_NO_DIVISION_COST)
-                for m, n, c in zip(i[ok].tolist(), j[ok].tolist(), cost[ok].tolist()):
-                    cand_rows.append(mother_rows[m])
-                    cand_cols.append(n)
-                    cand_costs.append(c)
+                add_candidates(off_a, i[ok], j[ok], cost[ok], _NO_DIVISION_COST)
 
         for gap in range(1, self.max_gap + 1):
             t_end = t - gap
             if t_end < 0:
                 break
             off_e = int(offsets[t_end])
-            n_e = int(offsets[t_end + 1]) - off_e
-            ends = np.flatnonzero(n_successors[off_e:off_e + n_e] == 0)
+            ends = np.flatnonzero(n_successors[off_e:int(offsets[t_end + 1])] == 0)
             if len(ends) == 0:
                 continue
             radius = max_distance * math.sqrt(gap + 1)
-            e = objects_of(t_end)
-            i, j, iou, _, distance = _candidates(e, b, radius, rows_a=ends, cols_b=new)
+            i, j, iou, _, distance = _candidates(objects_of(t_end), b, radius, rows_a=ends, cols_b=new)
             ok = (iou > 0) | (distance <= radius)
             cost = (1.0 - iou) + distance / radius + _GAP_COST * gap
-            end_rows = {m: len(row_nodes) + k for k, m in enumerate(np.unique(i[ok]).tolist())}
-            for m in end_rows:
-                row_nodes.append(off_e + m)
-                row_alternative.append(_UNLINKED_COST)
-            for m, n, c in zip(i[ok].tolist(), j[ok].tolist(), cost[ok].tolist()):
-                cand_rows.append(end_rows[m])
-                cand_cols.append(n)
-                cand_costs.append(c)
+            add_candidates(off_e, i[ok], j[ok], cost[ok], _UNLINKED_COST)
 
         if not cand_rows:
             return

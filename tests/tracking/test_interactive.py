@@ -140,5 +140,6 @@ def test_with_the_bundled_model(tmp_path):
     given = np.zeros(labels.shape, dtype="uint8")
     given[0] = labels[0] == track
     result, has_division = track_mask_across_frames(given, predictor, embeddings, [0], projection="mask")
-    ious = [(np.logical_and(r, l == track).sum() / np.logical_or(r, l == track).sum()) for r, l in zip(result, labels)]
+    ious = [np.logical_and(mask, truth == track).sum() / np.logical_or(mask, truth == track).sum()
+            for mask, truth in zip(result, labels)]
     assert not has_division and min(ious) > 0.7, ious

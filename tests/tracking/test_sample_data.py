@@ -119,7 +119,8 @@ def served_tracking_data(tmp_path, monkeypatch):
     images = [(m > 0).astype("uint8") * 200 + 20 for m in masks]
     entries = {}
     for name, zip_name, files in (
-        ("fetch_tracking_example_data", "hela.zip", {f"DIC-C2DH-HeLa/01/t{t:03d}.tif": im for t, im in enumerate(images)}),
+        ("fetch_tracking_example_data", "hela.zip",
+         {f"DIC-C2DH-HeLa/01/t{t:03d}.tif": image for t, image in enumerate(images)}),
         ("fetch_tracking_segmentation_data", "masks.zip", {f"masks/mask_{t:04d}.tif": m for t, m in enumerate(masks)}),
     ):
         buffer = io.BytesIO()
