@@ -35,6 +35,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="vit_t_demo")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch_size", type=int, default=1)
+    parser.add_argument("--save", help="Save movie, true labels and the model's segmentation in this .npz file.")
     args = parser.parse_args(argv)
 
     import numpy as np
@@ -63,6 +64,8 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         segmentation, _ = segment_slices(movie, predictor, segmenter, image_embeddings=embeddings, verbose=True)
         times["segmentation"] = time.perf_counter() - start
+    if args.save:
+        np.savez_compressed(args.save, movie=movie, labels=labels, segmentation=segmentation)
     start = time.perf_counter()
     result, predicted = track_across_frames(movie, segmentation, tracking_model="overlap", verbose=False)
     times["linking"] = time.perf_counter() - start

@@ -46,10 +46,12 @@ def _check_output_folder(output_folder) -> None:
         raise ValueError(f"output_folder {os.fspath(output_folder)!r} exists and is not a folder.")
 
 
-def _track(timeseries, segmentation, description, link, gap_closing, min_time_extent, pbar_init, pbar_update,
-           pbar_close, output_folder):
+def _track(timeseries, segmentation, description, link, gap_closing, min_time_extent, verbose, pbar_init,
+           pbar_update, output_folder):
     from ..multi_dimensional_segmentation import _close_gaps
+    from ..util import handle_pbar
 
+    _, pbar_init, pbar_update, pbar_close = handle_pbar(verbose, pbar_init, pbar_update)
     n_frames = segmentation.shape[0]
     steps = n_frames if description == "overlap" else 1
     pbar_init(steps + (n_frames if gap_closing else 0), "Track objects")
@@ -57,7 +59,7 @@ def _track(timeseries, segmentation, description, link, gap_closing, min_time_ex
         segmentation = _close_gaps(segmentation, gap_closing, pbar_update)
     if not segmentation.any():
         warnings.warn("The segmentation contains no objects: the tracking result is empty.", stacklevel=3)
-    graph = link(timeseries, segmentation)
+    graph = link(timeseries, segmentation, pbar_update, verbose)
     result, lineages = graph_to_result(segmentation, graph, min_time_extent or 0)
     if output_folder is not None:
         from .ctc import write_ctc
@@ -123,8 +125,6 @@ def track_across_frames(
             unknown tracking model (a name trackastra does not know, or a folder that is no trackastra model).
         RuntimeError: If a model folder is given but trackastra is not installed, or a model fails to load.
     """
-    from ..util import handle_pbar
-
     segmentation = _validate_segmentation(segmentation)
     shape = _validate_timeseries(timeseries)
     if shape != segmentation.shape:
@@ -133,10 +133,11 @@ def track_across_frames(
     gap_closing = _validate_extent(gap_closing, "gap_closing")
     min_time_extent = _validate_extent(min_time_extent, "min_time_extent")
     _check_output_folder(output_folder)
-    _, pbar_init, pbar_update, pbar_close = handle_pbar(verbose, pbar_init, pbar_update)
-    description, link = resolve_linker(tracking_model, mode, pbar_update)
-    return _track(np.asarray(timeseries), segmentation, description, link, gap_closing, min_time_extent,
-                  pbar_init, pbar_update, pbar_close, output_folder)
+    if pbar_init is not None and pbar_update is None:
+        raise ValueError("pbar_init was given without pbar_update; pass both callbacks or neither.")
+    description, link = resolve_linker(tracking_model, mode)
+    return _track(np.asarray(timeseries), segmentation, description, link, gap_closing, min_time_extent, verbose,
+                  pbar_init, pbar_update, output_folder)
 
 
 def automatic_tracking_implementation(
@@ -191,20 +192,18 @@ def automatic_tracking_implementation(
         ValueError: As :func:`track_across_frames`, before any embedding is computed.
     """
     from ..instance_segmentation._volume import segment_slices
-    from ..util import handle_pbar
 
     _validate_timeseries(timeseries)
     gap_closing = _validate_extent(gap_closing, "gap_closing")
     min_time_extent = _validate_extent(min_time_extent, "min_time_extent")
     _check_output_folder(output_folder)
-    _, pbar_init, pbar_update, pbar_close = handle_pbar(verbose, None, None)
-    description, link = resolve_linker(tracking_model, mode, pbar_update)
+    description, link = resolve_linker(tracking_model, mode)
     segmentation, image_embeddings = segment_slices(
         timeseries, predictor, segmentor, embedding_path=embedding_path, verbose=verbose, tile_shape=tile_shape,
         halo=halo, batch_size=batch_size, **kwargs,
     )
     result, lineages = _track(np.asarray(timeseries), segmentation, description, link, gap_closing,
-                              min_time_extent, pbar_init, pbar_update, pbar_close, output_folder)
+                              min_time_extent, verbose, None, None, output_folder)
     return (result, lineages, image_embeddings) if return_embeddings else (result, lineages)
 
 

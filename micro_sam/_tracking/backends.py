@@ -9,6 +9,7 @@ errors, never a silent fallback.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
 import sys
 import warnings
@@ -29,7 +30,7 @@ TRACKASTRA_MODELS = ("general_2d", "ctc", "general_2d_w_SAM2_features")
 TRACKING_MODES = ("greedy_nodiv", "greedy", "ilp")
 _FOLDER_FILES = ("config.yaml", "train_config.yaml", "model.pt")
 
-Linker = Callable[[np.ndarray, np.ndarray], TrackingGraph]
+Linker = Callable[[np.ndarray, np.ndarray, Callable, bool], TrackingGraph]
 
 
 def trackastra_installed() -> bool:
@@ -90,28 +91,25 @@ def _validate_mode(mode) -> str:
     return mode
 
 
-def _overlap(linker: OverlapLinker, mode: str, pbar_update) -> Linker:
-    def link(timeseries, segmentation):
+def _overlap(linker: OverlapLinker, mode: str) -> Linker:
+    def link(timeseries, segmentation, pbar_update, verbose):
         return linker.link(segmentation, divisions=mode != "greedy_nodiv", pbar_update=pbar_update)
     return link
 
 
-def _trackastra_linker(model, mode: str, pbar_update) -> Linker:
-    def link(timeseries, segmentation):
-        return trackastra_graph(model, timeseries, segmentation, mode, pbar_update)
+def _trackastra_linker(model, mode: str) -> Linker:
+    def link(timeseries, segmentation, pbar_update, verbose):
+        return trackastra_graph(model, timeseries, segmentation, mode, pbar_update, verbose)
     return link
 
 
-def resolve_linker(
-    tracking_model: Union[str, os.PathLike, OverlapLinker], mode: str, pbar_update: Optional[Callable] = None,
-) -> Tuple[str, Linker]:
-    """Check the tracking model and return a function ``link(timeseries, segmentation) -> TrackingGraph``.
+def resolve_linker(tracking_model: Union[str, os.PathLike, OverlapLinker], mode: str) -> Tuple[str, Linker]:
+    """Check the tracking model; return ``link(timeseries, segmentation, pbar_update, verbose) -> TrackingGraph``.
 
     Args:
         tracking_model: A trackastra pretrained model name, a local trackastra model folder, ``"overlap"`` or an
             :class:`OverlapLinker`.
         mode: The linking mode, one of :data:`TRACKING_MODES`.
-        pbar_update: Progress callback for the overlap linker (one step per frame).
 
     Returns:
         A description of the linker ("overlap" or "trackastra <name or folder>") and the linking function.
@@ -121,14 +119,13 @@ def resolve_linker(
         RuntimeError: If a model folder is given but trackastra is not installed, or a model cannot be loaded.
     """
     mode = _validate_mode(mode)
-    update = pbar_update if pbar_update is not None else (lambda n: None)
     if isinstance(tracking_model, OverlapLinker):
-        return "overlap", _overlap(tracking_model, mode, update)
+        return "overlap", _overlap(tracking_model, mode)
     if not isinstance(tracking_model, (str, os.PathLike)):
         raise ValueError(f"tracking_model must be a trackastra model name, a model folder, {OVERLAP_MODEL!r} or an "
                          f"OverlapLinker, got {type(tracking_model).__name__}.")
     if tracking_model == OVERLAP_MODEL:
-        return "overlap", _overlap(OverlapLinker(), mode, update)
+        return "overlap", _overlap(OverlapLinker(), mode)
 
     path = Path(tracking_model)
     if path.is_dir():
@@ -138,7 +135,7 @@ def resolve_linker(
         if not trackastra_installed():
             raise RuntimeError(f"Loading the trackastra model folder {str(path)!r} needs trackastra; install it with "
                                "'pip install trackastra' (or use tracking_model='overlap').")
-        return f"trackastra {str(path)!r}", _trackastra_linker(_load_trackastra(path), mode, update)
+        return f"trackastra {str(path)!r}", _trackastra_linker(_load_trackastra(path), mode)
 
     name = str(tracking_model)
     known = _known_names()
@@ -150,7 +147,7 @@ def resolve_linker(
         warnings.warn(f"trackastra is not installed, so the tracking model {name!r} is not available; the objects "
                       "are linked with micro_sam's overlap linker instead (tracking_model='overlap'). Install "
                       "trackastra ('pip install trackastra') to use its pretrained models.", stacklevel=3)
-        return "overlap", _overlap(OverlapLinker(), mode, update)
+        return "overlap", _overlap(OverlapLinker(), mode)
     folder = _trackastra_cache(name)
     if not folder.is_dir():
         folder = _download_trackastra(name)
@@ -158,11 +155,13 @@ def resolve_linker(
             warnings.warn(f"Linking with micro_sam's overlap linker instead of the trackastra model {name!r} "
                           "(tracking_model='overlap'); run once with network access to cache the trackastra model.",
                           stacklevel=3)
-            return "overlap", _overlap(OverlapLinker(), mode, update)
-    return f"trackastra {name!r}", _trackastra_linker(_load_trackastra(folder), mode, update)
+            return "overlap", _overlap(OverlapLinker(), mode)
+    return f"trackastra {name!r}", _trackastra_linker(_load_trackastra(folder), mode)
 
 
-def trackastra_graph(model, timeseries: np.ndarray, segmentation: np.ndarray, mode: str, pbar_update) -> TrackingGraph:
+def trackastra_graph(
+    model, timeseries: np.ndarray, segmentation: np.ndarray, mode: str, pbar_update: Callable, verbose: bool = True,
+) -> TrackingGraph:
     """Link the objects with a loaded trackastra model; objects trackastra leaves out stay unlinked nodes."""
     tables = [frame_objects(frame) for frame in segmentation]
     offsets, labels = graph_nodes([table.labels for table in tables])
@@ -173,7 +172,14 @@ def trackastra_graph(model, timeseries: np.ndarray, segmentation: np.ndarray, mo
         images = images.mean(axis=-1)
     edges = np.zeros((0, 2), dtype="int64")
     if compact.any():
-        result = model.track(images, compact, mode=mode)
+        kwargs = {}
+        if not verbose and "progbar_class" in inspect.signature(model.track).parameters:
+            from functools import partial
+
+            from tqdm import tqdm
+
+            kwargs["progbar_class"] = partial(tqdm, disable=True)
+        result = model.track(images, compact, mode=mode, **kwargs)
         graph = result[0] if isinstance(result, tuple) else result  # trackastra >= 0.3 also returns masks
         node_id = {}
         for node, data in graph.nodes(data=True):
