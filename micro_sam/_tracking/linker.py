@@ -11,7 +11,7 @@ For every pair of consecutive frames t, t + 1:
    optimally, either as the second daughter of an object in frame t that was linked to the first daughter,
    or as the continuation of a track that ended up to ``max_gap`` frames before (the object was missed in the
    frames in between), or stay new tracks. A division needs two daughters that are each smaller than the
-   mother and together at most ``1.6`` times its area; it costs
+   mother and together at most twice its area (segmented masks of small objects are often too large); it costs
    ``(1 - fraction of the new daughter inside the mother) + distance / max_distance + size asymmetry``.
    A gap closing costs ``(1 - IoU) + distance / (max_distance * sqrt(gap + 1)) + 0.1 * gap``.
 
@@ -39,7 +39,9 @@ _NO_DIVISION_COST = 0.5
 # Extra cost per missing frame when closing a gap.
 _GAP_COST = 0.1
 # The two daughters together have at most this multiple of the mother's area.
-_MAX_DAUGHTER_AREA_RATIO = 1.6
+_MAX_DAUGHTER_AREA_RATIO = 2.0
+# Each daughter has less than this fraction of the mother's area.
+_MAX_DAUGHTER_FRACTION = 1.0
 
 
 def solve_assignment(
@@ -251,7 +253,8 @@ class OverlapLinker:
                 sibling = successor[off_a + i] - off_b  # the first daughter, linked in step 1
                 area_i, area_j, area_s = a.areas[i], b.areas[j], b.areas[sibling]
                 ok = (overlap > 0) | (distance <= max_distance)
-                ok &= (area_j < area_i) & (area_s < area_i) & (area_j + area_s <= _MAX_DAUGHTER_AREA_RATIO * area_i)
+                ok &= (area_j < _MAX_DAUGHTER_FRACTION * area_i) & (area_s < _MAX_DAUGHTER_FRACTION * area_i)
+                ok &= area_j + area_s <= _MAX_DAUGHTER_AREA_RATIO * area_i
                 cost = (1.0 - overlap / area_j) + distance / max_distance
                 cost += np.abs(area_j - area_s) / (area_j + area_s)
                 add_candidates(off_a, i[ok], j[ok], cost[ok], _NO_DIVISION_COST)
