@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Dict, List, Tuple
 
 import numpy as np
@@ -51,13 +52,21 @@ def frame_objects(frame: np.ndarray) -> FrameObjects:
         else:
             labels, index = values, inverse + 1
     n = len(labels)
+    index = index.astype("uint16" if n < np.iinfo("uint16").max else "int32")
     flat = index.ravel()
     areas = np.bincount(flat, minlength=n + 1)[1:].astype("int64")
-    yy, xx = np.indices(frame.shape[-2:], dtype="float64")
+    yy, xx = _pixel_coordinates(frame.shape)
     with np.errstate(invalid="ignore", divide="ignore"):
-        cy = np.bincount(flat, weights=yy.ravel(), minlength=n + 1)[1:] / areas
-        cx = np.bincount(flat, weights=xx.ravel(), minlength=n + 1)[1:] / areas
+        cy = np.bincount(flat, weights=yy, minlength=n + 1)[1:] / areas
+        cx = np.bincount(flat, weights=xx, minlength=n + 1)[1:] / areas
     return FrameObjects(labels.astype("int64"), index, areas, np.stack([cy, cx], axis=1).reshape(n, 2))
+
+
+@lru_cache(maxsize=4)
+def _pixel_coordinates(shape: Tuple[int, int]) -> Tuple[np.ndarray, np.ndarray]:
+    """The flattened y and x coordinate of every pixel of a frame (float64, cached per shape)."""
+    yy, xx = np.indices(shape, dtype="float64")
+    return yy.ravel(), xx.ravel()
 
 
 def overlap_counts(a: FrameObjects, b: FrameObjects) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -216,9 +225,14 @@ def recolor(segmentation: np.ndarray, graph: TrackingGraph, track_of: np.ndarray
             continue
         frame = np.asarray(segmentation[t]).astype("int64", copy=False)
         labels = graph.labels[start:stop]
-        lut_ids = track_of[start:stop].astype("uint32")
-        position = np.clip(np.searchsorted(labels, frame), 0, len(labels) - 1)
-        result[t] = np.where((frame != 0) & (labels[position] == frame), lut_ids[position], 0)
+        ids = track_of[start:stop].astype("uint32")
+        if labels[-1] < 4 * frame.size + 1024:  # small labels: a lookup table
+            lut = np.zeros(int(max(labels[-1], frame.max())) + 1, dtype="uint32")
+            lut[labels] = ids
+            result[t] = lut[frame]
+        else:
+            position = np.clip(np.searchsorted(labels, frame), 0, len(labels) - 1)
+            result[t] = np.where((frame != 0) & (labels[position] == frame), ids[position], 0)
     return result
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from numbers import Integral, Real
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -73,10 +73,15 @@ def solve_assignment(
     adjacency = coo_matrix((np.ones(len(rows)), (rows, n_rows + cols)), shape=(n_rows + n_cols,) * 2)
     _, component = connected_components(adjacency, directed=False)
     pair_component = component[rows]
-    order = np.argsort(pair_component, kind="stable")
+    # A group with a single candidate pair: linked if that is cheaper than leaving both unassigned.
+    n_pairs = np.bincount(pair_component)
+    single = n_pairs[pair_component] == 1
+    take = single & (costs < row_alternative[rows] + col_alternative[cols])
+    chosen_rows, chosen_cols = [rows[take]], [cols[take]]
+    multiple = np.flatnonzero(~single)
+    order = multiple[np.argsort(pair_component[multiple], kind="stable")]
     bounds = np.flatnonzero(np.diff(pair_component[order])) + 1
-    chosen_rows, chosen_cols = [], []
-    for group in np.split(order, bounds):
+    for group in np.split(order, bounds) if len(order) else []:
         group_rows, r = np.unique(rows[group], return_inverse=True)
         group_cols, c = np.unique(cols[group], return_inverse=True)
         nr, nc = len(group_rows), len(group_cols)
@@ -174,23 +179,15 @@ class OverlapLinker:
         divisions = self.divisions if divisions is None else bool(divisions)
         update = pbar_update if pbar_update is not None else (lambda n: None)
         n_frames = segmentation.shape[0]
-        tables = []
-        for t in range(n_frames):
-            objects = frame_objects(segmentation[t])
-            objects.index = None  # recomputed when needed; keeps memory flat for long movies
-            tables.append(objects)
+        tables = [frame_objects(segmentation[t]) for t in range(n_frames)]  # index images uint16 (or int32)
         offsets, labels = graph_nodes([table.labels for table in tables])
         max_distance = self.max_distance
         if max_distance is None:
             areas = np.concatenate([table.areas for table in tables]) if tables else np.zeros(0)
             max_distance = float(max(2.0 * np.sqrt(np.median(areas) / np.pi), 1.0)) if areas.size else 1.0
 
-        cache: Dict[int, FrameObjects] = {}
-
         def objects_of(t: int) -> FrameObjects:
-            if t not in cache:
-                cache[t] = frame_objects(segmentation[t])
-            return cache[t]
+            return tables[t]
 
         n_nodes = int(offsets[-1])
         n_successors = np.zeros(n_nodes, dtype="int64")
@@ -207,8 +204,6 @@ class OverlapLinker:
 
         update(1)
         for t in range(n_frames - 1):
-            for old in [k for k in cache if k < t - self.max_gap]:
-                del cache[old]
             a, b = objects_of(t), objects_of(t + 1)
             off_a, off_b = int(offsets[t]), int(offsets[t + 1])
             # 1. frame-to-frame links
