@@ -25,10 +25,6 @@ from numbers import Integral, Real
 from typing import Callable, List, Optional, Tuple
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
-from scipy.spatial import cKDTree
 
 from .graph import FrameObjects, TrackingGraph, frame_objects, graph_nodes, overlap_counts
 
@@ -65,6 +61,10 @@ def solve_assignment(
     Returns:
         The assigned rows and columns, two arrays of equal length.
     """
+    from scipy.optimize import linear_sum_assignment
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
     rows, cols = np.asarray(rows, dtype="int64"), np.asarray(cols, dtype="int64")
     costs = np.asarray(costs, dtype="float64")
     n_rows, n_cols = len(row_alternative), len(col_alternative)
@@ -107,6 +107,8 @@ def _candidates(
         Row and column indices, the IoU, the overlap in pixels and the centroid distance of each pair, as
         (rows, cols, iou, overlap, distance) with overlap in a separate array.
     """
+    from scipy.spatial import cKDTree
+
     ri, cj, counts = overlap_counts(a, b)
     pairs = {}
     for i, j, n in zip(ri.tolist(), cj.tolist(), counts.tolist()):
