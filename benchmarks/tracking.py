@@ -32,6 +32,9 @@ def main(argv=None) -> int:
     parser.add_argument("--frames", type=int, default=50)
     parser.add_argument("--shape", type=int, nargs=2, default=(512, 512))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--radius", type=float, nargs=2, default=None,
+                        help="Radius range of the nuclei; default (6, 10) scaled with the frame size / 256, so that "
+                             "the nuclei have the size relative to the frame that the bundled model was trained on.")
     parser.add_argument("--model", default="vit_t_demo")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch_size", type=int, default=1)
@@ -49,9 +52,12 @@ def main(argv=None) -> int:
     from micro_sam.sample_data import synthetic_timelapse
 
     print(f"load before: {os.getloadavg()[0]:.1f}, torch threads: {torch.get_num_threads()}")
-    movie, labels, lineages = synthetic_timelapse(n_frames=args.frames, shape=tuple(args.shape), seed=args.seed)
+    scale = min(args.shape) / 256
+    radius = tuple(args.radius) if args.radius else (6.0 * scale, 10.0 * scale)
+    movie, labels, lineages = synthetic_timelapse(n_frames=args.frames, shape=tuple(args.shape), seed=args.seed,
+                                                  radius_range=radius)
     n_objects = sum(len(np.unique(frame)) - 1 for frame in labels)
-    print(f"movie {movie.shape}, {n_objects} objects in all frames, "
+    print(f"movie {movie.shape}, nucleus radii {radius}, {n_objects} objects in all frames, "
           f"{sum(1 for lineage in lineages for c in lineage.values() if c)} divisions")
     predictor, segmenter = get_predictor_and_segmenter(args.model, device=args.device)
 
