@@ -99,6 +99,8 @@ def cache_amg_state(
     save_path: Union[str, os.PathLike],
     verbose: bool = True,
     i: Optional[int] = None,
+    pbar_init=None,
+    pbar_update=None,
     **kwargs,
 ) -> instance_segmentation.AMGBase:
     """Load the cached AMG state from ``save_path``, or compute and cache it.
@@ -112,6 +114,8 @@ def cache_amg_state(
         save_path: The embeddings' zarr cache; the state is stored in its ``amg_state`` group.
         verbose: Print what happens and show progress bars.
         i: Slice index for volumes (one state per slice).
+        pbar_init: External progress callback ``pbar_init(total, description)`` for the computation.
+        pbar_update: External progress callback ``pbar_update(n)``.
         kwargs: Arguments of the generator class (e.g. ``points_per_side``).
 
     Returns:
@@ -128,7 +132,8 @@ def cache_amg_state(
         return amg
     if verbose:
         print("Precompute the state for automatic mask generation.")
-    amg.initialize(raw, image_embeddings=image_embeddings, verbose=verbose, i=i)
+    amg.initialize(raw, image_embeddings=image_embeddings, verbose=verbose or pbar_init is not None, i=i,
+                   pbar_init=pbar_init, pbar_update=pbar_update)
     _save_amg_state(_state_group(save_path, "amg_state", i), amg)
     return amg
 
@@ -142,6 +147,8 @@ def cache_is_state(
     verbose: bool = True,
     i: Optional[int] = None,
     skip_load: bool = False,
+    pbar_init=None,
+    pbar_update=None,
     **kwargs,
 ) -> Optional[instance_segmentation.InstanceSegmentationWithDecoder]:
     """Load the cached AIS state (the decoder's maps) from ``save_path``, or compute and cache it.
@@ -155,6 +162,8 @@ def cache_is_state(
         verbose: Print what happens and show progress bars.
         i: Slice index for volumes (one state per slice).
         skip_load: Return None without loading if the state is cached already.
+        pbar_init: External progress callback ``pbar_init(total, description)`` for the computation.
+        pbar_update: External progress callback ``pbar_update(n)``.
         kwargs: Arguments of the segmenter class.
 
     Returns:
@@ -174,7 +183,8 @@ def cache_is_state(
         return segmenter
     if verbose:
         print("Precompute the state for instance segmentation with the decoder.")
-    segmenter.initialize(raw, image_embeddings=image_embeddings, verbose=verbose, i=i)
+    segmenter.initialize(raw, image_embeddings=image_embeddings, verbose=verbose or pbar_init is not None, i=i,
+                         pbar_init=pbar_init, pbar_update=pbar_update)
     group = _state_group(save_path, "is_state", i)
     for key, value in segmenter.get_state().items():
         _write_array(group, key, np.asarray(value, dtype="float32"))

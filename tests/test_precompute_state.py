@@ -96,3 +96,19 @@ def test_precompute_state_folder_with_amg_state(vit_t_checkpoint, tmp_path):
                      checkpoint_path=vit_t_checkpoint, precompute_amg_state=True, device="cpu")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.zarr"]
     assert (tmp_path / "out" / "a.zarr" / "amg_state" / "state").is_dir()
+
+
+def test_cache_amg_state_reports_progress_to_callbacks(scene, tmp_path):
+    """The annotation tools pass napari progress callbacks; they see the steps of the computation only."""
+    labels, image = scene
+    predictor, _ = make_stub_predictor(labels, img_size=256)
+    save_path = tmp_path / "emb.zarr"
+    embeddings = util.precompute_image_embeddings(predictor, image, save_path=save_path, verbose=False)
+    inits, updates = [], []
+    cache_amg_state(predictor, image, embeddings, save_path, verbose=False, points_per_side=8,
+                    pbar_init=lambda total, text: inits.append(total), pbar_update=updates.append)
+    assert inits and sum(updates) == inits[-1] > 0
+    inits.clear()
+    cache_amg_state(predictor, image, embeddings, save_path, verbose=False, points_per_side=8,
+                    pbar_init=lambda total, text: inits.append(total), pbar_update=updates.append)
+    assert inits == []  # loaded from the cache
