@@ -248,3 +248,65 @@ def test_command_line_and_bad_input(tmp_path, capsys, monkeypatch):
         assert option in text, option
     with pytest.raises(ValueError, match=r"\(Z, Y, X\)"):
         annotator_tracking(np.zeros((32, 32)), model_type="vit_t_demo", return_viewer=True)
+
+
+def test_commit_path_keeps_tracks_and_lineages(tool, timelapse, oracle, tmp_path):
+    """Commits (tracks and lineages) are saved in the commit file and loaded again for the same movie."""
+    import zarr
+
+    viewer, tool = tool
+    _, labels, _ = timelapse
+    commit_path = tmp_path / "commits.zarr"
+    commit = tool.widgets["commit"]
+    commit.commit_path.value = str(commit_path)
+    try:
+        tool.lineage = {1: [2, 3], 2: [], 3: []}  # one mother, daughters not annotated: they are left out
+        _click(viewer, 0, labels, 5)
+        press(viewer, "s", shift=True)
+        wait_for(tool)
+        press(viewer, "c")
+        assert tool.committed_lineages == [{1: []}]
+        group = zarr.open_group(str(commit_path), mode="r")
+        np.testing.assert_array_equal(group["committed_objects"][...], viewer.layers["committed_objects"].data)
+        assert group.attrs["committed_lineages"] == [{"1": []}]
+        tool.image_changed()  # the same movie opened again: the commits are loaded from commit_path
+        assert tool.committed_lineages == [{1: []}]
+        np.testing.assert_array_equal(viewer.layers["committed_objects"].data, group["committed_objects"][...])
+        assert viewer.layers["tracks"].data[:, 0].tolist() == [1, 1, 1]
+    finally:
+        commit.commit_path.value = ""
+        tool.image_changed()
+
+
+@pytest.mark.slow
+def test_with_the_bundled_model(cached_demo_model, tmp_path):
+    """annotator_tracking with vit_t_demo: a point on a nucleus in frame 0, Shift-S, C; the committed track matches
+    the true track in every frame; screenshot with the tracks layer."""
+    from micro_sam.sample_data import synthetic_timelapse
+
+    movie, labels, lineages = synthetic_timelapse(n_frames=6, shape=(192, 192), seed=2)
+    dividing = {track for lineage in lineages for track, children in lineage.items() if children}
+    always = sorted(set(np.unique(labels[0])) & set(np.unique(labels[-1])) - {0} - dividing)
+    viewer = annotator_tracking(movie, embedding_path=tmp_path / "embeddings.zarr", model_type="vit_t_demo",
+                                device="cpu", return_viewer=True)
+    try:
+        from qtpy.QtWidgets import QApplication
+
+        tool = next(w for w in QApplication.allWidgets() if isinstance(w, AnnotatorTracking) and w.viewer is viewer)
+        tool.widgets["segment_nd"].projection.value = "mask"
+        track = always[0]
+        _click(viewer, 0, labels, track)
+        press(viewer, "s", shift=True)
+        wait_for(tool)
+        current = viewer.layers["current_object"].data
+        ious = [iou(current[t] == 1, labels[t] == track) for t in range(len(labels))]
+        assert min(ious) > 0.65 and np.mean(ious) > 0.75, ious  # (frame 0: vit_t_demo from a single point)
+        press(viewer, "c")
+        committed = viewer.layers["committed_objects"].data
+        assert tool.committed_lineages == [{1: []}] and np.array_equal(committed != 0, current != 0)
+        np.testing.assert_array_equal(viewer.layers["tracks"].data[:, :2], [[1, t] for t in range(6)])
+        path = tmp_path / "annotator_tracking.png"
+        screenshot = viewer.screenshot(str(path), canvas_only=False)
+        assert screenshot[..., :3].std() > 5
+    finally:
+        viewer.close()
