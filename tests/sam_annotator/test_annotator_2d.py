@@ -12,6 +12,9 @@ from micro_sam.sam_annotator.annotator_2d import Annotator2d, annotator_2d
 from ._helpers import largest_objects, object_center, press, wait_for
 from .conftest import iou
 
+# one worker runs the module (pytest-xdist --dist loadgroup): the viewer and embeddings are made once
+pytestmark = pytest.mark.xdist_group("sam_annotator_2d")
+
 
 @pytest.fixture(scope="module")
 def session_2d(demo_model, nuclei_2d):
@@ -168,7 +171,7 @@ def test_automatic_segmentation_ais_and_commit(tool_2d, nuclei_2d):
     assert not viewer.layers["auto_segmentation"].data.any()
 
 
-def test_bad_input_gives_messages_and_changes_nothing(tool_2d, nuclei_2d, tmp_path, notifications):
+def test_bad_input_gives_messages_and_changes_nothing(tool_2d, nuclei_2d, tmp_path, notifications, capsys):
     viewer, tool = tool_2d
     _, labels = nuclei_2d
     commit = tool.widgets["commit"]
@@ -211,9 +214,11 @@ def test_bad_input_gives_messages_and_changes_nothing(tool_2d, nuclei_2d, tmp_pa
     press(viewer, "s")
     np.testing.assert_array_equal(viewer.layers["current_object"].data, current)
     messages = [text for _, text in notifications()]
+    stderr = capsys.readouterr().err  # the same messages on the command line
     for part in ("Nothing to commit", "There are no prompts", "is a file, not a folder", "another image",
                  "The 2D annotator needs an image"):
         assert any(part in text for text in messages), (part, messages)
+        assert part in stderr, (part, stderr)
 
 
 def test_annotator_2d_rejects_a_volume_before_loading_a_model(monkeypatch):
@@ -283,3 +288,42 @@ def test_tiled_embeddings_amg_and_ais(demo_model, nuclei_2d):
         assert auto.max() > 0.5 * labels.max()
     finally:
         viewer.close()
+
+
+def test_embeddings_cached_for_another_model_or_image_are_refused_in_the_viewer(tool_2d, nuclei_2d, tmp_path,
+                                                                               notifications, capsys):
+    """The embedding widget reports a cache of another model / image in the viewer and on stderr; the cache,
+    the tool's embeddings and the annotations stay as they were."""
+    import os
+
+    import zarr
+
+    viewer, tool = tool_2d
+    image, labels = nuclei_2d
+    state = tool.state
+    viewer.layers["point_prompts"].add(object_center(labels, largest_objects(labels, 1)[0]))
+    press(viewer, "s")
+    press(viewer, "c")
+    committed = viewer.layers["committed_objects"].data.copy()
+    embeddings = state.image_embeddings
+    widget = tool.widgets["embeddings"]
+
+    other_image = tmp_path / "other_image.zarr"  # a cache of another image
+    util.precompute_image_embeddings(state.predictor, image[:256, :256], save_path=other_image, verbose=False)
+    other_model = tmp_path / "other_model.zarr"  # a cache of this image, made by another model
+    util.precompute_image_embeddings(state.predictor, image, save_path=other_model, verbose=False)
+    zarr.open_group(str(other_model), mode="r+").attrs["model_type"] = "vit_b"
+    capsys.readouterr()
+    for cache, reason in ((other_image, "another image data"), (other_model, "another model_type")):
+        before = {name: os.path.getmtime(os.path.join(cache, name)) for name in os.listdir(cache)}
+        widget.embeddings_save_path.value = str(cache)
+        try:
+            assert widget() is not None
+            wait_for(tool)
+        finally:
+            widget.embeddings_save_path.value = None
+        assert any(reason in text for severity, text in notifications() if severity == "error"), notifications()
+        assert reason in capsys.readouterr().err
+        assert {name: os.path.getmtime(os.path.join(cache, name)) for name in os.listdir(cache)} == before
+        assert state.image_embeddings is embeddings
+        np.testing.assert_array_equal(viewer.layers["committed_objects"].data, committed)

@@ -13,6 +13,9 @@ from micro_sam.sam_annotator.annotator_3d import Annotator3d, annotator_3d
 from ._helpers import largest_objects, object_center, press, wait_for
 from .conftest import iou
 
+# one worker runs the module (pytest-xdist --dist loadgroup): the viewer and embeddings are made once
+pytestmark = pytest.mark.xdist_group("sam_annotator_3d")
+
 
 @pytest.fixture(scope="module")
 def session_3d(demo_model, nuclei_3d, tmp_path_factory):

@@ -32,7 +32,8 @@ def _tool(viewer):
     return viewer.window.dock_widgets["Annotator2d"]
 
 
-def test_walk_a_folder_and_save_one_label_file_per_image(image_folder, tmp_path, cached_demo_model, notifications):
+def test_walk_a_folder_and_save_one_label_file_per_image(image_folder, tmp_path, cached_demo_model, notifications,
+                                                          capsys):
     import napari
 
     folder, labels = image_folder
@@ -44,6 +45,8 @@ def test_walk_a_folder_and_save_one_label_file_per_image(image_folder, tmp_path,
         messages = [text for _, text in notifications()]
         assert any("notes.txt" in text and "not images" in text for text in messages), messages
         assert any("broken.png" in text for text in messages), messages
+        stderr = capsys.readouterr().err  # and on the command line
+        assert "notes.txt" in stderr and "broken.png" in stderr, stderr
         masks = {}
         for name in ("cells_0", "cells_1", "cells_2"):
             assert tool._series.name(tool._series.index) == f"{name}.tif"
