@@ -16,6 +16,8 @@ import threading
 from typing import Callable, Dict, Iterator, Optional, Union
 
 import torch
+
+from .. import _segment_anything  # noqa: F401  (imports segment_anything without torchvision)
 from segment_anything.build_sam import build_sam_vit_b as _sa_vit_b
 from segment_anything.build_sam import build_sam_vit_h as _sa_vit_h
 from segment_anything.build_sam import build_sam_vit_l as _sa_vit_l

@@ -701,12 +701,14 @@ class SamLogger(TorchEmLogger):
         self.tb.add_image(tag=f"{name}/samples", img_tensor=grid, global_step=step)
 
     def log_train(self, step, loss, lr, x, y, samples, mask_loss, iou_regression_loss, model_iou):
+        """Log the training losses, the model's IoU and the learning rate of an iteration (scalars only)."""
         self._scalars("train", step, {"loss": loss, "mask_loss": mask_loss, "iou_loss": iou_regression_loss,
                                       "model_iou": model_iou, "learning_rate": lr})
         if step % self.log_image_interval == 0:
             self.add_image(x, y, samples, "train", step)
 
     def log_validation(self, step, metric, loss, x, y, samples, mask_loss, iou_regression_loss, model_iou):
+        """Log the validation metric, losses and the model's IoU (scalars only)."""
         self._scalars("validation", step, {"loss": loss, "mask_loss": mask_loss, "iou_loss": iou_regression_loss,
                                            "model_iou": model_iou, "metric": metric})
         self.add_image(x, y, samples, "validation", step)
