@@ -16,6 +16,8 @@ from micro_sam.sam_annotator.annotator_tracking import AnnotatorTracking, annota
 from ._helpers import object_center, press, wait_for
 from .conftest import iou
 
+pytestmark = pytest.mark.xdist_group("sam_annotator_tracking")  # the tests share one viewer (module fixture)
+
 
 @pytest.fixture(scope="module")
 def timelapse():
