@@ -3,8 +3,9 @@
     xvfb-run -a -s "-screen 0 1600x1000x24" python scripts/annotator_screenshots.py OUTPUT [--readme PNG]
 
 Writes annotator_2d.png (the bundled sample, nuclei segmented from clicks and committed, one more object in
-current_object), annotator_3d.png (an object propagated through a synthetic stack) and image_series.png to
-OUTPUT_FOLDER; with --readme also a smaller copy of the 2D screenshot for the documentation.
+current_object), annotator_3d.png (an object propagated through a synthetic stack) and image_series.png (the
+second image of a folder, after the first was annotated and saved) to OUTPUT_FOLDER; with --readme also a
+smaller copy of the 2D screenshot for the documentation.
 """
 import argparse
 import os
@@ -32,6 +33,16 @@ def _centres(labels, n, z=None):
     ids, counts = np.unique(plane[plane != 0], return_counts=True)
     centres, _ = get_centers_and_bounding_boxes(plane)
     return [np.array(centres[i], dtype=float) for i in ids[np.argsort(counts)[::-1]][:n]]
+
+
+def _show(viewer):
+    """Show the window at 1400 x 900 (napari restores its saved geometry when shown: resize afterwards)."""
+    from qtpy.QtWidgets import QApplication
+
+    viewer.window.show()
+    viewer.window._qt_window.resize(1400, 900)
+    for _ in range(5):
+        QApplication.processEvents()
 
 
 def _shot(viewer, path, width=None):
@@ -65,8 +76,7 @@ def main():
 
     image, labels = tifffile.imread(sample_image_path()), tifffile.imread(sample_labels_path())
     viewer = annotator_2d(image, model_type="vit_t_demo", return_viewer=True)
-    viewer.window.resize(1400, 900)
-    viewer.window.show()
+    _show(viewer)
     for centre in _centres(labels, 12):
         viewer.layers["point_prompts"].add(centre)
         _press(viewer, "s")
@@ -81,8 +91,7 @@ def main():
 
     volume, volume_labels = synthetic_nuclei_3d((8, 384, 384), seed=1)
     viewer = annotator_3d(volume, model_type="vit_t_demo", return_viewer=True)
-    viewer.window.resize(1400, 900)
-    viewer.window.show()
+    _show(viewer)
     tool = viewer.window.dock_widgets["Annotator3d"]
     z = 4
     viewer.dims.set_point(0, z)
@@ -98,7 +107,20 @@ def main():
     tifffile.imwrite(os.path.join(folder, "b.tif"), image[::-1])
     viewer = image_folder_annotator(folder, os.path.join(args.output, "series_out"), model_type="vit_t_demo",
                                     viewer=napari.Viewer(), return_viewer=True, skip_segmented=False)
-    viewer.window.resize(1400, 900)
+    _show(viewer)
+    tool = viewer.window.dock_widgets["Annotator2d"]
+    for centre in _centres(labels, 3):  # a.tif: three nuclei committed, then on to b.tif (a.tif is saved)
+        viewer.layers["point_prompts"].add(centre)
+        _press(viewer, "s")
+        _press(viewer, "c")
+    _press(viewer, "n")
+    tool.tasks.wait(600000)
+    for centre in _centres(labels[::-1], 2):  # b.tif: two nuclei committed, one more in current_object
+        viewer.layers["point_prompts"].add(centre)
+        _press(viewer, "s")
+        _press(viewer, "c")
+    viewer.layers["point_prompts"].add(_centres(labels[::-1], 3)[-1])
+    _press(viewer, "s")
     _shot(viewer, os.path.join(args.output, "image_series.png"))
     viewer.close()
 

@@ -6,6 +6,7 @@ widget. A widget reads its values and the prompt layers, calls the library (``mi
 notifications (and on the command line) and change nothing.
 """
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -34,6 +35,24 @@ def _ready_for_prompts(tool) -> bool:
         return False
     tool.require_layers()
     return True
+
+
+@contextmanager
+def _one_torch_thread():
+    """Run a click's segmentation (prompt encoder and mask decoder: a few ms of work) on one torch thread.
+
+    On a busy 2-core host, torch's thread pool waits for a descheduled thread at every operation: the same call
+    took 2 s with 2 threads and 60 ms with one (benchmarks/README.md); the masks are identical. Only used while
+    no background task runs (the thread count is process-wide).
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 class _Snapshot:
@@ -81,10 +100,11 @@ def segment_2d(tool, batched: bool = False) -> bool:
     if problem is not None:
         show_warning(problem)
         return False
-    segmentation = vutil.prompt_segmentation(
-        state.predictor, points, labels, boxes, masks, shape, multiple_box_prompts=True,
-        image_embeddings=state.image_embeddings, batched=batched,
-    )
+    with _one_torch_thread():
+        segmentation = vutil.prompt_segmentation(
+            state.predictor, points, labels, boxes, masks, shape, multiple_box_prompts=True,
+            image_embeddings=state.image_embeddings, batched=batched,
+        )
     viewer.layers[_layers.CURRENT_OBJECT].data = segmentation
     return True
 
@@ -106,9 +126,10 @@ def segment_slice(tool) -> bool:
     if problem is not None:
         show_warning(f"Slice {z}: {problem}")
         return False
-    segmentation = vutil.prompt_segmentation(state.predictor, points, labels, boxes, masks, shape,
-                                             multiple_box_prompts=False, image_embeddings=state.image_embeddings,
-                                             i=z)
+    with _one_torch_thread():
+        segmentation = vutil.prompt_segmentation(state.predictor, points, labels, boxes, masks, shape,
+                                                 multiple_box_prompts=False,
+                                                 image_embeddings=state.image_embeddings, i=z)
     layer = viewer.layers[_layers.CURRENT_OBJECT]
     layer.data[z] = segmentation
     layer.refresh()

@@ -147,14 +147,19 @@ def annotator_2d(
 
 
 def _run_cli(description: str, start, argv: Optional[List[str]]) -> int:
-    """Parse the annotator options and start the tool; bad input gives a message and exit code 1."""
+    """Parse the annotator options and start the tool; bad input gives one line on stderr and exit code 1
+    (``micro_sam._cli.run_main``)."""
+    from .. import _cli
     from .util import _initialize_parser
 
-    parser = _initialize_parser(description=description)
-    args = parser.parse_args(argv)
-    if (args.tile_shape is None) != (args.halo is None):
-        parser.error("--tile_shape and --halo must be given together.")
-    try:
+    prog = f"micro_sam.{start.__name__}"
+
+    def run(argv):
+        parser = _initialize_parser(description=description)
+        parser.prog = prog
+        args = parser.parse_args(argv)
+        if (args.tile_shape is None) != (args.halo is None):
+            parser.error("--tile_shape and --halo must be given together.")
         image = util.load_image_data(args.input, key=args.key)
         segmentation = None
         if args.segmentation_result is not None:
@@ -166,10 +171,9 @@ def _run_cli(description: str, start, argv: Optional[List[str]]) -> int:
             decoder_path=args.decoder_path, device=args.device, prefer_decoder=args.prefer_decoder,
             commit_path=args.commit_path,
         )
-    except (ValueError, RuntimeError) as error:
-        print(f"Error: {error}", file=sys.stderr)
-        return 1
-    return 0
+        return 0
+
+    return _cli.run_main(run, argv, prog=prog)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -427,9 +427,15 @@ class ImageSeriesAnnotator(Container):
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Command line entry point ``micro_sam.image_series_annotator``."""
+    from .. import _cli
+
+    return _cli.run_main(_main, argv, prog="micro_sam.image_series_annotator")
+
+
+def _main(argv: Optional[List[str]]) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(description="Annotate the images in a folder one after the other.")
+    parser = argparse.ArgumentParser(prog="micro_sam.image_series_annotator", description="Annotate the images in a folder one after the other.")
     parser.add_argument("-i", "--input_folder", required=True, help="The folder with the images.")
     parser.add_argument("-o", "--output_folder", required=True,
                         help="Where the segmentations are saved (one tif per image).")
@@ -454,18 +460,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     if (args.tile_shape is None) != (args.halo is None):
         parser.error("--tile_shape and --halo must be given together.")
-    try:
-        image_folder_annotator(
-            args.input_folder, args.output_folder, args.pattern,
-            initial_segmentation_folder=args.initial_segmentation_folder,
-            initial_segmentation_pattern=args.initial_segmentation_pattern, embedding_path=args.embedding_path,
-            model_type=args.model_type, tile_shape=args.tile_shape, halo=args.halo,
-            precompute_amg_state=args.precompute_amg_state, checkpoint_path=args.checkpoint, device=args.device,
-            is_volumetric=args.is_volumetric, prefer_decoder=args.prefer_decoder, skip_segmented=args.skip_segmented,
-        )
-    except (ValueError, RuntimeError) as error:
-        print(f"Error: {error}", file=sys.stderr)
-        return 1
+    image_folder_annotator(
+        args.input_folder, args.output_folder, args.pattern,
+        initial_segmentation_folder=args.initial_segmentation_folder,
+        initial_segmentation_pattern=args.initial_segmentation_pattern, embedding_path=args.embedding_path,
+        model_type=args.model_type, tile_shape=args.tile_shape, halo=args.halo,
+        precompute_amg_state=args.precompute_amg_state, checkpoint_path=args.checkpoint, device=args.device,
+        is_volumetric=args.is_volumetric, prefer_decoder=args.prefer_decoder, skip_segmented=args.skip_segmented,
+    )
     return 0
 
 
