@@ -149,25 +149,29 @@ def annotator_tracking(
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Command line entry point ``micro_sam.annotator_tracking``."""
+    """Command line entry point ``micro_sam.annotator_tracking``: bad input gives one line on stderr and exit
+    code 1 (``micro_sam._cli.run_main``)."""
+    from .. import _cli
     from .util import _initialize_parser
 
-    parser = _initialize_parser(description="Track cells in a time-lapse movie interactively with Segment Anything "
-                                            "(tracking annotator).", with_segmentation_result=False)
-    args = parser.parse_args(argv)
-    if (args.tile_shape is None) != (args.halo is None):
-        parser.error("--tile_shape and --halo must be given together.")
-    try:
+    prog = "micro_sam.annotator_tracking"
+
+    def run(argv):
+        parser = _initialize_parser(description="Track cells in a time-lapse movie interactively with Segment "
+                                                "Anything (tracking annotator).", with_segmentation_result=False)
+        parser.prog = prog
+        args = parser.parse_args(argv)
+        if (args.tile_shape is None) != (args.halo is None):
+            parser.error("--tile_shape and --halo must be given together.")
         image = util.load_image_data(args.input, key=args.key)
         annotator_tracking(
             image, embedding_path=args.embedding_path, model_type=args.model_type, tile_shape=args.tile_shape,
             halo=args.halo, precompute_amg_state=args.precompute_amg_state, checkpoint_path=args.checkpoint,
             decoder_path=args.decoder_path, device=args.device, commit_path=args.commit_path,
         )
-    except (ValueError, RuntimeError) as error:
-        print(f"Error: {error}", file=sys.stderr)
-        return 1
-    return 0
+        return 0
+
+    return _cli.run_main(run, argv, prog=prog)
 
 
 __all__ = ["AnnotatorTracking", "annotator_tracking", "create_tracking_menu"]
