@@ -306,14 +306,18 @@ def automatic_tracking(
     tracking_model: str = "general_2d",
     **generate_kwargs,
 ):
-    """Segment every frame of a time series and link the objects over time (needs ``trackastra``).
+    """Segment every frame of a time series and link the objects over time.
+
+    See :func:`micro_sam.multi_dimensional_segmentation.automatic_tracking_implementation`: trackastra links the
+    objects when it is installed and its model can be had, otherwise micro_sam's weight-free overlap linker
+    (``tracking_model="overlap"``), with a warning.
 
     Args:
         predictor: The ``SamPredictor``.
         segmenter: The segmenter from :func:`get_predictor_and_segmenter`.
         input_path: A (T, Y, X[, C]) time series, as file path or array.
         output_path: Folder for the tracking result in the Cell Tracking Challenge format.
-        embedding_path: A zarr path to cache the embeddings in.
+        embedding_path: A zarr path to cache the embeddings of all frames in.
         key: Dataset key for container inputs.
         tile_shape: (y, x) tile shape for tiled processing.
         halo: (y, x) overlap of the tiles.
@@ -321,45 +325,37 @@ def automatic_tracking(
         return_embeddings: Also return the embeddings.
         annotate: Not available in this package; must be False.
         batch_size: Frames or tiles per image encoder pass.
-        mode: The trackastra linking mode ("greedy_nodiv", "greedy" or "ilp").
-        tracking_model: The trackastra model.
+        mode: The linking mode ("greedy", "greedy_nodiv" or "ilp").
+        tracking_model: A trackastra pretrained model name, a trackastra model folder or "overlap".
         generate_kwargs: Arguments of the segmenter's ``generate``; ``gap_closing`` and ``min_time_extent``
             are passed to the tracking.
 
     Returns:
-        The tracked label time series and the lineages (and the embeddings if requested).
+        The tracked label time series (T, Y, X) and the lineages (and the embeddings if requested).
     """
-    from . import multi_dimensional_segmentation as mds
-    from .instance_segmentation._volume import segment_slices
+    from .multi_dimensional_segmentation import automatic_tracking_implementation
 
     if annotate:
         raise ValueError("annotate=True needs micro_sam's napari annotator, which is not part of this package.")
     timeseries = _load(input_path, key, "input_path")
-    if len(timeseries.shape) not in (3, 4) or (len(timeseries.shape) == 4 and timeseries.shape[-1] > 4):
-        raise ValueError(f"Tracking needs a time series of shape (T, Y, X[, C]), got {tuple(timeseries.shape)}.")
     _check_tiling(segmenter, tile_shape, halo)
     gap_closing = generate_kwargs.pop("gap_closing", None)
     min_time_extent = generate_kwargs.pop("min_time_extent", None)
-    implementation = getattr(mds, "automatic_tracking_implementation", None)
-    if implementation is not None:
-        result = implementation(
-            timeseries, predictor, segmenter, embedding_path=embedding_path, gap_closing=gap_closing,
-            min_time_extent=min_time_extent, mode=mode, tracking_model=tracking_model, tile_shape=tile_shape,
-            halo=halo, verbose=verbose, return_embeddings=True, batch_size=batch_size, output_folder=output_path,
-            **generate_kwargs,
-        )
-        segmentation, lineages, embeddings = result
-    else:
-        segmentation, embeddings = segment_slices(
-            timeseries, predictor, segmenter, embedding_path=embedding_path, verbose=verbose,
-            tile_shape=tile_shape, halo=halo, batch_size=batch_size, **generate_kwargs,
-        )
-        segmentation, lineages = mds.track_across_frames(
-            timeseries=timeseries, segmentation=segmentation, gap_closing=gap_closing,
-            min_time_extent=min_time_extent, mode=mode, tracking_model=tracking_model, verbose=verbose,
-            output_folder=output_path,
-        )
-    return (segmentation, lineages, embeddings) if return_embeddings else (segmentation, lineages)
+    return automatic_tracking_implementation(
+        timeseries, predictor, segmenter, embedding_path=embedding_path, gap_closing=gap_closing,
+        min_time_extent=min_time_extent, mode=mode, tracking_model=tracking_model, tile_shape=tile_shape,
+        halo=halo, verbose=verbose, return_embeddings=return_embeddings, batch_size=batch_size,
+        output_folder=output_path, **generate_kwargs,
+    )
+
+
+def __getattr__(name: str):
+    # micro_sam 1.8 exposes these two from here too; imported on first use to keep the start-up light.
+    if name in ("automatic_3d_segmentation", "automatic_tracking_implementation"):
+        from . import multi_dimensional_segmentation
+
+        return getattr(multi_dimensional_segmentation, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # --- command line ---------------------------------------------------------------------------------------------
@@ -543,8 +539,13 @@ def _build_parser():
                         help="Also write <output name>_overlay.png: the labels drawn over the image (middle slice "
                              "for volumes).")
     parser.add_argument("--tracking", action="store_true",
-                        help="Track objects over time instead (time series inputs; needs trackastra). The output "
-                             "is a folder in the Cell Tracking Challenge format.")
+                        help="Track objects over time instead (time series inputs (T, Y, X)). The output is a folder "
+                             "in the Cell Tracking Challenge format. Linking: trackastra if installed and its model "
+                             "can be had, else micro_sam's overlap linker (with a warning); see --tracking_model. "
+                             "Further options: --gap_closing N --min_time_extent N.")
+    parser.add_argument("--tracking_model", default="general_2d",
+                        help="With --tracking: a trackastra pretrained model (default: general_2d), a trackastra "
+                             "model folder, or 'overlap' for micro_sam's linker that needs no weights.")
     _cli.add_quiet_argument(parser)
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="Accepted for compatibility with micro_sam; progress is shown unless --quiet is given.")
@@ -554,7 +555,8 @@ def _build_parser():
 def _plan_outputs(inputs: List[str], output_path: str, embedding_path: Optional[str], tracking: bool):
     """(input, output, embedding) paths: one output for one input, else a folder of <name>.tif outputs."""
     names = [Path(p.rstrip("/")).stem for p in inputs]
-    single = len(inputs) == 1 and not os.path.isdir(output_path)
+    # With --tracking the output of a single input is a folder itself (the CTC result), as in micro_sam 1.8.
+    single = len(inputs) == 1 and (tracking or not os.path.isdir(output_path))
     if not single and len(set(names)) != len(names):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         raise _cli.UsageError(f"several inputs have the same name {duplicates}; their outputs would collide")
@@ -672,10 +674,11 @@ def _main(argv: Optional[List[str]]) -> int:
             Path(emb).parent.mkdir(parents=True, exist_ok=True)
         try:
             if args.tracking:
-                automatic_tracking(predictor, segmenter, loaded.get(path, path), output_path=os.fspath(out),
-                                   embedding_path=emb, key=args.key, tile_shape=tile_shape, halo=halo,
-                                   verbose=verbose, batch_size=args.batch_size, **generate_kwargs)
-                print(f"{path} -> {os.fspath(out)}", flush=True)
+                tracks, _ = automatic_tracking(
+                    predictor, segmenter, loaded.get(path, path), output_path=os.fspath(out), embedding_path=emb,
+                    key=args.key, tile_shape=tile_shape, halo=halo, verbose=verbose, batch_size=args.batch_size,
+                    tracking_model=args.tracking_model, **generate_kwargs)
+                print(f"{path} -> {os.fspath(out)} ({len(np.unique(tracks)) - 1} tracks)", flush=True)
                 continue
             image = loaded.pop(path) if path in loaded else _cli.load_input(path, args.key, args.ndim)[0]
             labels = automatic_instance_segmentation(

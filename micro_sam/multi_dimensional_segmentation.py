@@ -6,19 +6,21 @@
   overlaps the previous one with an IoU below ``iou_threshold`` (the object ended or SAM lost it).
 - :func:`merge_instance_segmentation_3d`: turns a stack of per-slice instance segmentations into 3D objects by
   solving a multicut on the overlaps of objects in adjacent slices.
-- :func:`track_across_frames`: links per-frame objects of a timeseries into tracks with lineages (divisions)
-  using the optional package trackastra.
+- :func:`track_across_frames`: links the per-frame objects of a time series (t, y, x) into tracks with lineages
+  (divisions), with trackastra when it is installed and its model can be had, else with the weight-free
+  :class:`OverlapLinker`; :func:`automatic_tracking_implementation` segments every frame first.
+- :func:`track_mask_across_frames`: interactive tracking, one object followed forward through the frames with SAM.
 - :func:`get_napari_track_data`: the point / parent-graph representation of a tracking result for napari's
   tracks layer.
 
-Arrays are indexed (z, y, x); a 2D slice is (y, x). Light module: torch / segment_anything are only imported
-when prompts are projected (through :mod:`micro_sam.prompt_based_segmentation`).
+Arrays are indexed (z, y, x) or, for time series, (t, y, x); a 2D slice or frame is (y, x). Light module:
+torch / segment_anything are only imported when prompts are projected (through
+:mod:`micro_sam.prompt_based_segmentation`), trackastra only when it links.
 """
 from __future__ import annotations
 
-import os
 from numbers import Integral, Real
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Callable, Optional, Tuple, Union
 
 import numpy as np
 from scipy import ndimage
@@ -454,188 +456,17 @@ def automatic_3d_segmentation(
     return (segmentation, image_embeddings) if return_embeddings else segmentation
 
 
-# --- tracking -------------------------------------------------------------------------------------------------
-def _tracks_from_graph(graph) -> Tuple[Dict[Tuple[int, int], int], List[Dict[int, List[int]]]]:
-    """Split a tracking graph into tracks (linear chains) and lineages.
+# --- tracking (implemented in micro_sam._tracking) ----------------------------------------------------------
+from ._tracking.api import (  # noqa: E402
+    OverlapLinker, automatic_tracking_implementation, get_napari_track_data, track_across_frames,
+)
+from ._tracking.interactive import track_mask_across_frames  # noqa: E402
 
-    Args:
-        graph: A networkx DiGraph whose nodes have the attributes 'time' (frame) and 'label' (segmentation id in
-            that frame) and whose edges link an object to its successor(s) in a later frame.
-
-    Returns:
-        The track id (from 1, numbered by start frame, then label) of each (frame, label).
-        The lineages: one dict per lineage (a tree of tracks joined by divisions) mapping every track of the
-            lineage to its child tracks (an empty list for tracks that do not divide), ordered by root track.
-    """
-    def key(node):
-        return int(graph.nodes[node]["time"]), int(graph.nodes[node]["label"])
-
-    track_of, parent_of = {}, {}
-    next_track = 1
-    for node in sorted(graph.nodes, key=key):
-        predecessors = list(graph.predecessors(node))
-        continues = len(predecessors) == 1 and graph.out_degree(predecessors[0]) == 1
-        if continues:
-            track_of[node] = track_of[predecessors[0]]
-            continue
-        track_of[node] = next_track
-        if len(predecessors) == 1:  # starts after a division
-            parent_of[next_track] = track_of[predecessors[0]]
-        next_track += 1
-
-    children = {track: [] for track in range(1, next_track)}
-    for child, parent in sorted(parent_of.items()):
-        children[parent].append(child)
-    lineages = []
-    for root in children:
-        if root in parent_of:
-            continue
-        lineage, stack = {}, [root]
-        while stack:
-            track = stack.pop()
-            lineage[track] = children[track]
-            stack.extend(children[track])
-        lineages.append(dict(sorted(lineage.items())))
-    return {key(node): track for node, track in track_of.items()}, lineages
-
-
-def _recolor(segmentation: np.ndarray, track_of: Dict[Tuple[int, int], int]) -> np.ndarray:
-    """Relabel every object of every frame with its track id (objects without a track become 0)."""
-    result = np.zeros(segmentation.shape, dtype="uint32")
-    for t in range(segmentation.shape[0]):
-        labels = np.unique(segmentation[t])
-        lut = np.array([track_of.get((t, int(label)), 0) for label in labels], dtype="uint32")
-        result[t] = lut[np.searchsorted(labels, segmentation[t])]
-    return result
-
-
-def _filter_short_tracks(tracking_result, lineages, min_time_extent):
-    frames = [set(np.unique(frame).tolist()) - {0} for frame in tracking_result]
-    extent = {}
-    for t, tracks in enumerate(frames):
-        for track in tracks:
-            first, _ = extent.get(track, (t, t))
-            extent[track] = (first, t)
-    short = [track for track, (first, last) in extent.items() if last - first + 1 < min_time_extent]
-    if short:
-        tracking_result = np.where(np.isin(tracking_result, short), 0, tracking_result).astype(tracking_result.dtype)
-    kept = set(extent) - set(short)
-    lineages = [{track: [child for child in children if child in kept] for track, children in lineage.items()
-                 if track in kept} for lineage in lineages]
-    return tracking_result, [lineage for lineage in lineages if lineage]
-
-
-def track_across_frames(
-    timeseries: np.ndarray,
-    segmentation: np.ndarray,
-    gap_closing: Optional[int] = None,
-    min_time_extent: Optional[int] = None,
-    mode: str = "greedy",
-    tracking_model: str = "general_2d",
-    verbose: bool = True,
-    pbar_init: Optional[Callable] = None,
-    pbar_update: Optional[Callable] = None,
-    output_folder: Optional[Union[str, os.PathLike]] = None,
-) -> Tuple[np.ndarray, List[Dict]]:
-    """Track segmented objects over time with Trackastra (https://github.com/weigertlab/trackastra).
-
-    Requires the optional package ``trackastra`` (``pip install trackastra``), which downloads its pretrained
-    model on first use. Please cite Trackastra (Gallusser and Weigert, ECCV 2024) when using this function.
-
-    Args:
-        timeseries: The images, shape (T, H, W).
-        segmentation: The per-frame instance segmentation, shape (T, H, W); ids must be unique within each frame.
-        gap_closing: If given, objects missing in up to ``2 * gap_closing`` frames are filled in before tracking
-            (the binary closing along time of :func:`merge_instance_segmentation_3d`).
-        min_time_extent: If given, tracks present in fewer frames are removed (also from the lineages).
-        mode: Trackastra's linking mode: 'greedy_nodiv', 'greedy' or 'ilp' (the latter needs motile).
-        tracking_model: The name of the pretrained Trackastra model.
-        verbose: Whether to show progress.
-        pbar_init: Callback to initialise an external progress bar, called with (total, description).
-        pbar_update: Callback to update an external progress bar.
-        output_folder: If given, the result is also saved there in the Cell Tracking Challenge format
-            (by Trackastra).
-
-    Returns:
-        The tracking result, shape (T, H, W), uint32: every object labelled with its track id (from 1).
-        The lineages: a list with one dict per lineage that maps each of its track ids to the ids of its child
-            tracks (two after a division, none otherwise).
-    """
-    try:
-        from trackastra.model import Trackastra
-        from trackastra.tracking import graph_to_ctc
-    except ImportError:
-        raise RuntimeError("Automatic tracking requires trackastra; install it with 'pip install trackastra'.")
-    segmentation = _validate_label_stack(segmentation, "segmentation")
-    timeseries = np.asarray(timeseries)
-    if timeseries.shape != segmentation.shape:
-        raise ValueError(f"timeseries (shape {timeseries.shape}) and segmentation (shape {segmentation.shape}) "
-                         "must have the same shape (T, H, W).")
-    gap_closing = _validate_optional_int(gap_closing, "gap_closing")
-    min_time_extent = _validate_optional_int(min_time_extent, "min_time_extent")
-    modes = ("greedy_nodiv", "greedy", "ilp")
-    if mode not in modes:
-        raise ValueError(f"Invalid mode {mode!r}; choose one of {modes}.")
-
-    _, pbar_init, pbar_update, pbar_close = util.handle_pbar(verbose, pbar_init, pbar_update)
-    pbar_init(segmentation.shape[0] + 1 if gap_closing else 1, "Track objects")
-    if gap_closing:
-        segmentation = _close_gaps(segmentation, gap_closing, pbar_update)
-
-    import torch
-
-    model = Trackastra.from_pretrained(tracking_model, device="cuda" if torch.cuda.is_available() else "cpu")
-    result = model.track(timeseries, segmentation, mode=mode)
-    graph = result[0] if isinstance(result, tuple) else result  # newer versions also return the tracked masks
-
-    track_of, lineages = _tracks_from_graph(graph)
-    tracking_result = _recolor(segmentation, track_of)
-    if output_folder is not None:
-        graph_to_ctc(graph, segmentation, outdir=output_folder)
-    if min_time_extent:
-        tracking_result, lineages = _filter_short_tracks(tracking_result, lineages, min_time_extent)
-    pbar_update(1)
-    pbar_close()
-    return tracking_result, lineages
-
-
-# --- napari helpers -------------------------------------------------------------------------------------------
-def get_napari_track_data(
-    segmentation: np.ndarray, lineages: List[Dict], n_threads: Optional[int] = None
-) -> Tuple[np.ndarray, Dict[int, List]]:
-    """Convert a tracking result into the data of napari's tracks layer.
-
-    Args:
-        segmentation: The tracking result, shape (T, H, W): every object labelled with its track id.
-        lineages: The lineages, a list of dicts mapping a parent track id to its child track ids
-            (an empty list when the track does not divide).
-        n_threads: Unused (the computation is vectorised); kept for compatibility with micro_sam.
-
-    Returns:
-        The track data, shape (n_points, 4): one row (track_id, t, y, x) per track and frame, with the centroid of
-            the object in that frame, sorted by frame and then track id.
-        The parent graph in napari's convention: child track id -> [parent track id].
-    """
-    segmentation = _validate_label_stack(segmentation, "segmentation")
-    rows = []
-    for t in range(segmentation.shape[0]):
-        frame = segmentation[t]
-        ids = np.unique(frame)
-        ids = ids[ids != 0]
-        if len(ids) == 0:
-            continue
-        index = np.searchsorted(ids, frame[frame != 0])
-        counts = np.bincount(index, minlength=len(ids))
-        y, x = np.nonzero(frame)
-        centroid_y = np.bincount(index, weights=y, minlength=len(ids)) / counts
-        centroid_x = np.bincount(index, weights=x, minlength=len(ids)) / counts
-        rows.append(np.stack([ids.astype("float64"), np.full(len(ids), t, dtype="float64"), centroid_y,
-                              centroid_x], axis=1))
-    track_data = np.concatenate(rows) if rows else np.zeros((0, 4))
-    parent_graph = {
-        child: [parent] for lineage in lineages for parent, children in lineage.items() for child in children
-    }
-    return track_data, parent_graph
+__all__ = [
+    "PROJECTION_MODES", "segment_mask_in_volume", "merge_instance_segmentation_3d", "automatic_3d_segmentation",
+    "track_across_frames", "automatic_tracking_implementation", "get_napari_track_data", "track_mask_across_frames",
+    "OverlapLinker",
+]
 
 
 # Names micro_sam 1.8 exposes here (imported there from other modules), resolved on first use.

@@ -292,6 +292,56 @@ def synthetic_data(shape: Tuple[int, ...], seed: Optional[int] = None) -> Tuple[
     return image, labels.astype("uint64")
 
 
+def synthetic_timelapse(
+    n_frames: int = 50,
+    shape: Tuple[int, int] = (256, 256),
+    n_objects: Optional[int] = None,
+    seed: Seed = 0,
+    radius_range: Tuple[float, float] = (6.0, 10.0),
+    dtype: str = "uint8",
+) -> Tuple[np.ndarray, np.ndarray, List[Dict[int, List[int]]]]:
+    """Create a synthetic fluorescence time-lapse of moving, growing and dividing nuclei with its true tracks.
+
+    Nuclei move with persistent random velocities, avoid each other and the border, rotate slowly and grow (area
+    doubling over a cell cycle of 25 to 60 frames; they start at random points of their cycle). At the end of its
+    cycle a nucleus elongates and brightens for three frames, then divides: in the next frame two daughters of
+    about half its area lie on either side of its centre along its long axis. Frames are rendered like
+    :func:`synthetic_nuclei_2d` (fixed background and illumination, new texture and noise in every frame).
+
+    Args:
+        n_frames: The number of frames, at least 1.
+        shape: The frame shape (height, width); both at least 32.
+        n_objects: The number of nuclei in the first frame. Default: about 12 % of the area covered.
+        seed: Seed for ``numpy.random.default_rng``; the same seed gives identical results.
+        radius_range: Range of the semi-major axis (pixels) of the nuclei in the middle of their cycle.
+        dtype: ``"uint8"`` or ``"uint16"``.
+
+    Returns:
+        The movie, shape (n_frames, height, width), dtype ``dtype``.
+        The true tracks as label movie, shape (n_frames, height, width), uint32: every nucleus labelled with its
+            track id (from 1, in order of appearance), 0 = background. A daughter gets a new track id.
+        The lineages in the format of :func:`micro_sam.multi_dimensional_segmentation.track_across_frames`: one
+            dict per initial nucleus, ``{track id: [the two daughter track ids] or []}``.
+
+    Raises:
+        ValueError: For an invalid number of frames, shape, radius range, dtype, or more nuclei than fit.
+    """
+    from ._synthetic_tracking import render_timelapse
+    from ._tracking.graph import lineages_from_parents
+
+    if isinstance(n_frames, bool) or not isinstance(n_frames, (int, np.integer)) or n_frames < 1:
+        raise ValueError(f"n_frames must be a positive integer, got {n_frames!r}")
+    shape = _synthetic.check_shape(shape, 2, min_size=32)
+    radius_range = _synthetic.check_radius_range(radius_range)
+    n_objects = _synthetic.check_n_objects(n_objects, _synthetic.default_n_objects(shape, radius_range, 0.12))
+    _check_dtype(dtype)
+    rng = np.random.default_rng(seed)
+    movie, labels, children = render_timelapse(rng, int(n_frames), shape, n_objects, radius_range, dtype,
+                                               cycle_range=(25, 60))
+    parents = {child: parent for parent, kids in children.items() for child in kids}
+    return movie, labels, lineages_from_parents(len(children), parents)
+
+
 def _check_dtype(dtype) -> None:
     try:
         ok = np.dtype(dtype) in (np.dtype("uint8"), np.dtype("uint16"))

@@ -216,8 +216,8 @@ def test_cli_ais_with_exported_model(tmp_path):
     assert tifffile.imread(out).shape == (64, 80)
 
 
-def test_automatic_tracking_delegates_to_tracker(monkeypatch):
-    """Frames are segmented one by one and handed to multi_dimensional_segmentation.track_across_frames."""
+def test_automatic_tracking_segments_frames_and_links(tmp_path):
+    """Frames are segmented one by one (ids unique over frames) and linked: one moving disk is one track."""
     from micro_sam import multi_dimensional_segmentation as mds
     from micro_sam.automatic_segmentation import automatic_tracking
     from skimage.draw import disk
@@ -227,22 +227,16 @@ def test_automatic_tracking_delegates_to_tracker(monkeypatch):
         labels[t][disk((20, 14 + 4 * t), 8, shape=(48, 48))] = 1
     maps = np.stack([np.stack(decoder_targets(s)) for s in labels], axis=1)
     predictor, segmenter, _ = _ais(labels[0], maps, img_size=1024, by_slice="calls")
-    calls = {}
-
-    def fake_tracking(timeseries, segmentation, gap_closing=None, min_time_extent=None, mode="greedy",
-                      tracking_model="general_2d", verbose=True, pbar_init=None, pbar_update=None,
-                      output_folder=None):
-        calls.update(segmentation=segmentation.copy(), min_time_extent=min_time_extent, mode=mode)
-        return (segmentation > 0).astype("uint32"), [{1: []}]
-
-    monkeypatch.setattr(mds, "track_across_frames", fake_tracking)
     tracks, lineages = automatic_tracking(predictor, segmenter, labels.astype("float32"), verbose=False,
-                                          min_time_extent=2, mode="greedy_nodiv", foreground_smoothing=0)
-    assert lineages == [{1: []}] and calls["min_time_extent"] == 2 and calls["mode"] == "greedy_nodiv"
-    per_frame = calls["segmentation"]
-    np.testing.assert_array_equal(per_frame > 0, labels > 0)
-    assert len(np.unique(per_frame)) == 4  # one object per frame, ids unique over frames
+                                          min_time_extent=2, mode="greedy_nodiv", tracking_model="overlap",
+                                          output_path=tmp_path / "ctc", foreground_smoothing=0)
+    assert lineages == [{1: []}]
     np.testing.assert_array_equal(tracks, (labels > 0).astype("uint32"))
+    assert (tmp_path / "ctc" / "man_track.txt").read_text() == "1 0 2 0\n"
+    # micro_sam 1.8 exposes the implementation from here, too.
+    from micro_sam import automatic_segmentation
+
+    assert automatic_segmentation.automatic_tracking_implementation is mds.automatic_tracking_implementation
 
 
 def test_label_dtype_is_uint32_in_2d_tiled_3d_and_tracking(tmp_path):
@@ -250,7 +244,7 @@ def test_label_dtype_is_uint32_in_2d_tiled_3d_and_tracking(tmp_path):
     from skimage.draw import disk
 
     from micro_sam.instance_segmentation import TiledInstanceSegmentationWithDecoder
-    from micro_sam.multi_dimensional_segmentation import _recolor, merge_instance_segmentation_3d
+    from micro_sam.multi_dimensional_segmentation import merge_instance_segmentation_3d, track_across_frames
 
     from instance_segmentation._models import tiled_embeddings_with_ids
 
@@ -270,7 +264,8 @@ def test_label_dtype_is_uint32_in_2d_tiled_3d_and_tracking(tmp_path):
     seg3d = automatic_instance_segmentation(predictor, segmenter, labels.astype("float32"), ndim=3, verbose=False,
                                             output_path=tmp_path / "3d.tif", foreground_smoothing=0)
     merged = merge_instance_segmentation_3d(labels.astype("uint64"), verbose=False)
-    tracks = _recolor(labels, {(0, 1): 1, (1, 1): 1, (0, 2): 2, (1, 2): 2})
+    tracks, _ = track_across_frames(labels.astype("float32"), labels.astype("uint64"), tracking_model="overlap",
+                                    verbose=False)
     for result in (seg2d, seg_tiled, seg3d, merged, tracks, tifffile.imread(tmp_path / "2d.tif"),
                    tifffile.imread(tmp_path / "3d.tif")):
         assert result.dtype == np.uint32

@@ -1,9 +1,11 @@
-"""The interactive annotation tools for napari: 2D, 3D, image series, the training UI and the object classifier.
+"""The interactive annotation tools for napari: 2D, 3D, tracking, image series, the training UI and the object
+classifier.
 
 This is the only part of micro_sam that needs napari and a Qt binding (``pip install "micro_sam[gui]"``).
-Start a tool from Python (:func:`annotator_2d`, :func:`annotator_3d`, :func:`image_series_annotator`,
-:func:`image_folder_annotator`), from the command line (``micro_sam.annotator_2d``, ``micro_sam.annotator_3d``,
-``micro_sam.image_series_annotator``) or from napari's Plugins menu.
+Start a tool from Python (:func:`annotator_2d`, :func:`annotator_3d`, :func:`annotator_tracking`,
+:func:`image_series_annotator`, :func:`image_folder_annotator`), from the command line (``micro_sam.annotator_2d``,
+``micro_sam.annotator_3d``, ``micro_sam.annotator_tracking``, ``micro_sam.image_series_annotator``) or from
+napari's Plugins menu.
 """
 try:
     import napari  # noqa: F401
@@ -44,8 +46,9 @@ _import_torch_before_opengl()
 
 from .annotator_2d import annotator_2d  # noqa: E402
 from .annotator_3d import annotator_3d  # noqa: E402
+from .annotator_tracking import annotator_tracking  # noqa: E402
 from .image_series_annotator import image_folder_annotator, image_series_annotator  # noqa: E402
 from .object_classifier import image_series_object_classifier, object_classifier  # noqa: E402
 
-__all__ = ["annotator_2d", "annotator_3d", "image_folder_annotator", "image_series_annotator",
+__all__ = ["annotator_2d", "annotator_3d", "annotator_tracking", "image_folder_annotator", "image_series_annotator",
            "image_series_object_classifier", "object_classifier"]

@@ -82,13 +82,13 @@ def test_napari_manifest_and_sample_data():
         assert callable(getattr(importlib.import_module(module), name)), command.python_name
     widgets = {w.command for w in manifest.contributions.widgets}
     assert widgets == {"micro_sam.annotator_2d", "micro_sam.annotator_3d", "micro_sam.image_series_annotator",
-                       "micro_sam.training", "micro_sam.object_classifier"}
+                       "micro_sam.training", "micro_sam.object_classifier", "micro_sam.annotator_tracking"}
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
         project = tomllib.load(f)
     assert project["project"]["entry-points"]["napari.manifest"] == {"micro-sam": "micro_sam:napari.yaml"}
     assert "napari.yaml" in project["tool"]["setuptools"]["package-data"]["micro_sam"]
     scripts = project["project"]["scripts"]
-    for name in ("annotator_2d", "annotator_3d", "image_series_annotator"):
+    for name in ("annotator_2d", "annotator_3d", "annotator_tracking", "image_series_annotator"):
         assert scripts[f"micro_sam.{name}"].endswith(":main")
 
     from micro_sam.sam_annotator._sample_data import (
