@@ -38,6 +38,7 @@ __getattr__, __dir__ = lazy_attributes(globals(), {
         "InstanceSegmentationWithDecoder", "TiledAutomaticMaskGenerator", "TiledAutomaticPromptGenerator",
         "TiledInstanceSegmentationWithDecoder", "get_decoder", "get_instance_segmentation_generator")},
     "automatic_3d_segmentation": "micro_sam.multi_dimensional_segmentation:automatic_3d_segmentation",
+    "automatic_tracking_implementation": "micro_sam.multi_dimensional_segmentation:automatic_tracking_implementation",
     "split_kwargs": "torch_em.data.datasets.util:split_kwargs",
     "tqdm": "tqdm:tqdm",
 })
@@ -347,15 +348,6 @@ def automatic_tracking(
         halo=halo, verbose=verbose, return_embeddings=return_embeddings, batch_size=batch_size,
         output_folder=output_path, **generate_kwargs,
     )
-
-
-def __getattr__(name: str):
-    # micro_sam 1.8 exposes these two from here too; imported on first use to keep the start-up light.
-    if name in ("automatic_3d_segmentation", "automatic_tracking_implementation"):
-        from . import multi_dimensional_segmentation
-
-        return getattr(multi_dimensional_segmentation, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # --- command line ---------------------------------------------------------------------------------------------

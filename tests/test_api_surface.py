@@ -44,8 +44,6 @@ DELIBERATE = {
 # Parts that other issues build; problems with these keys are reported as warnings until they land. An entry
 # without problems fails test_pending_entries_are_still_pending: remove it from here when its issue lands.
 PENDING = {
-    "micro_sam.automatic_segmentation:automatic_tracking_implementation": "issue 19 (tracking)",
-    "micro_sam.multi_dimensional_segmentation:automatic_tracking_implementation": "issue 19 (tracking)",
     "micro_sam.models:PEFT_Sam": "issue 21 (PEFT)",
     "micro_sam.models.build_sam:ImageEncoderViT": "issue 21 (models.build_sam)",
     "micro_sam.models.build_sam:build_sam": "issue 21 (models.build_sam)",
