@@ -204,6 +204,8 @@ def test_progress_callbacks(tiny_predictor, rng, capsys):
     (np.full((10, 10), np.nan), {}, "NaN"),
     (np.zeros((10, 10, 3, 4)), {"ndim": 2}, "ndim=2"),
     (np.zeros((20, 64, 64)), {"ndim": 2}, "3D volume"),
+    (np.zeros((2, 3, 32, 32)), {}, "channels last"),
+    (np.zeros((2, 3, 32, 32)), {"ndim": 3}, "channels last"),
     (np.zeros((64, 64)), {"tile_shape": (128, 32), "halo": (8, 8)}, "larger than the image"),
     (np.zeros((64, 64)), {"tile_shape": (32, 32), "halo": (16, 8)}, "half"),
     (np.zeros((64, 64)), {"batch_size": 0}, "batch_size"),
