@@ -150,11 +150,36 @@ def _open_cache(save_path):
     save_path = os.fspath(save_path)
     if os.path.exists(save_path) and not os.path.isdir(save_path):
         raise ValueError(f"save_path {save_path!r} exists and is not a zarr directory.")
-    return zarr.open_group(save_path, mode="a")
+    try:
+        return zarr.open_group(save_path, mode="a")
+    except zarr.errors.ContainsGroupError:  # another process created the cache at the same moment
+        return zarr.open_group(save_path, mode="r+")
 
 
 def _create_array(group, name: str, shape, chunks):
-    return group.create_array(name, shape=tuple(shape), chunks=tuple(chunks), dtype="float32", fill_value=0.0)
+    """A float32 array for embeddings; an existing one of the same layout is reused (and overwritten by the caller).
+
+    Reusing instead of deleting and re-creating keeps two processes that write the same cache at once (two
+    commands on one image) from removing each other's arrays: both write the same values.
+    """
+    import zarr
+
+    def existing():
+        array = group[name]
+        return array if (tuple(array.shape), tuple(array.chunks)) == (tuple(shape), tuple(chunks)) else None
+
+    if name in group:
+        array = existing()
+        if array is not None:
+            return array
+        del group[name]
+    try:
+        return group.create_array(name, shape=tuple(shape), chunks=tuple(chunks), dtype="float32", fill_value=0.0)
+    except zarr.errors.ContainsArrayError:  # created by another writer in the meantime
+        array = existing()
+        if array is None:
+            raise
+        return array
 
 
 def _is_computed(array, index=None) -> bool:
@@ -227,8 +252,6 @@ def _compute_2d(predictor, input_, f, persistent, pbar_init, pbar_update):
     features = features.cpu().numpy()
     pbar_update(1)
     if persistent:
-        if "features" in f:
-            del f["features"]
         _create_array(f, "features", features.shape, features.shape)[...] = features
     return {"features": features, "input_size": input_sizes[0], "original_size": original_sizes[0]}
 
@@ -323,15 +346,10 @@ def _compute_tiled(predictor, input_, f, ndim, tile_shape, halo, batch_size, mas
         for (z, tile_id), feats, original_size, input_size in zip(batch, batch_features, original_sizes, input_sizes):
             name = str(tile_id)
             if z is None:
-                if name in group:
-                    del group[name]
                 array = _create_array(group, name, (1,) + feats.shape, (1,) + feats.shape)
                 array[...] = feats[None]
             else:
-                if name not in group:
-                    array = _create_array(group, name, (n_slices, 1) + feats.shape, (1, 1) + feats.shape)
-                else:
-                    array = group[name]
+                array = _create_array(group, name, (n_slices, 1) + feats.shape, (1, 1) + feats.shape)
                 array[z] = feats[None]
             array.attrs.update({"original_size": list(original_size), "input_size": list(input_size)})
         pbar_update(len(batch))

@@ -22,7 +22,9 @@ def infer_ndim(input_, ndim: Optional[int]) -> int:
     """The spatial dimensionality of the input (2 for images, 3 for volumes / time series).
 
     With ``ndim=None`` a 2D array is an image, a 3D array whose last axis has at most 4 entries is a 2D
-    image with channels (e.g. RGB), any other 3D array is a volume and a 4D array a volume with channels.
+    image with channels (e.g. RGB), any other 3D array is a volume and a 4D array whose last axis has at most 4
+    entries a volume with channels. Channels are always the last axis: a 4D array with more entries there, e.g.
+    (Z, C, Y, X), is rejected.
     """
     shape = tuple(input_.shape)
     if ndim is None:
@@ -30,8 +32,13 @@ def infer_ndim(input_, ndim: Optional[int]) -> int:
             return 2
         if len(shape) == 3:
             return 2 if shape[-1] <= 4 and shape[0] > 4 else 3
-        if len(shape) == 4:
+        if len(shape) == 4 and shape[-1] <= 4:
             return 3
+        if len(shape) == 4:
+            raise ValueError(
+                f"Invalid input of shape {shape}: a 4D input is a volume with channels last (Z, Y, X, C) with at "
+                "most 4 channels; move the channel axis to the end (e.g. numpy.moveaxis) or pass ndim=3."
+            )
         raise ValueError(
             f"Invalid input of shape {shape}: expect a 2D image (Y, X[, C]) or a 3D volume (Z, Y, X[, C])."
         )
@@ -45,6 +52,11 @@ def infer_ndim(input_, ndim: Optional[int]) -> int:
         )
     if ndim == 3 and len(shape) not in (3, 4):
         raise ValueError(f"ndim=3 expects an input of shape (Z, Y, X) or (Z, Y, X, C), got shape {shape}.")
+    if ndim == 3 and len(shape) == 4 and shape[-1] > 16:
+        raise ValueError(
+            f"ndim=3 expects an input of shape (Z, Y, X) or (Z, Y, X, C) with channels last, got shape {shape}; "
+            "move the channel axis to the end (e.g. numpy.moveaxis)."
+        )
     return ndim
 
 

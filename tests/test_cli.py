@@ -101,6 +101,7 @@ def bad_inputs(tmp_path_factory):
     with_nan[3, 4] = np.nan
     tifffile.imwrite(folder / "nan.tif", with_nan)
     tifffile.imwrite(folder / "five_d.tif", np.zeros((2, 3, 4, 5, 6), dtype="uint8"))
+    tifffile.imwrite(folder / "zcyx.tif", np.zeros((2, 3, 32, 32), dtype="uint8"))
     tifffile.imwrite(folder / "image.tif", np.zeros((32, 32), dtype="uint8"))
     imageio.imwrite(folder / "frames.png", np.zeros((32, 32), dtype="uint8"))
     return folder
@@ -114,6 +115,7 @@ PROG = "micro_sam.automatic_segmentation"
     (["-i", "{d}/notes.txt"], ["Could not read the image", "not an image file", "(tif, png, jpg, ...)"]),
     (["-i", "{d}/nan.tif"], ["nan.tif", "NaN"]),
     (["-i", "{d}/five_d.tif"], ["shape (2, 3, 4, 5, 6)", "2D image"]),
+    (["-i", "{d}/zcyx.tif"], ["shape (2, 3, 32, 32)", "channels last"]),
     (["-i", "{d}/image.tif", "-m", "vit_b_Lm"], ["Unknown model_type 'vit_b_Lm'", "Did you mean 'vit_b_lm'",
                                                  "light microscopy: vit_b_lm", "get_model_names()"]),
     (["-i", "{d}/image.tif", "-c", "{d}/missing.pt", "-m", "vit_t"], ["checkpoint", "does not exist"]),

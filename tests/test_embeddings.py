@@ -204,6 +204,8 @@ def test_progress_callbacks(tiny_predictor, rng, capsys):
     (np.full((10, 10), np.nan), {}, "NaN"),
     (np.zeros((10, 10, 3, 4)), {"ndim": 2}, "ndim=2"),
     (np.zeros((20, 64, 64)), {"ndim": 2}, "3D volume"),
+    (np.zeros((2, 3, 32, 32)), {}, "channels last"),
+    (np.zeros((2, 3, 32, 32)), {"ndim": 3}, "channels last"),
     (np.zeros((64, 64)), {"tile_shape": (128, 32), "halo": (8, 8)}, "larger than the image"),
     (np.zeros((64, 64)), {"tile_shape": (32, 32), "halo": (16, 8)}, "half"),
     (np.zeros((64, 64)), {"batch_size": 0}, "batch_size"),
@@ -264,3 +266,38 @@ def test_damaged_tiled_cache_names_the_cache(tiny_predictor, tmp_path, rng):
     (tile / "c" / "0" / "0" / "0" / "0").write_bytes(b"\x00garbage" * 64)
     with pytest.raises(RuntimeError, match=r"tiled\.zarr' is damaged: the embeddings of tile 2"):
         set_precomputed(tiny_predictor, embeddings, tile_id=2)
+
+
+@pytest.mark.parametrize("shape", [(64, 80), (4, 40, 40)])
+def test_two_writers_of_one_cache_get_the_same_embeddings(tmp_path, rng, shape):
+    """Two computations of the same cache at once (two commands on one image) both succeed and agree."""
+    import threading
+
+    from conftest import make_tiny_predictor
+
+    image = rng.integers(0, 255, size=shape).astype("uint8")
+    path = tmp_path / "shared.zarr"
+    predictors = [make_tiny_predictor(), make_tiny_predictor()]
+    start, results, errors = threading.Barrier(2), [None, None], []
+
+    def compute(i):
+        start.wait()
+        try:
+            results[i] = np.asarray(precompute_image_embeddings(predictors[i], image, save_path=path,
+                                                                verbose=False)["features"][...])
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append(f"{type(error).__name__}: {error}")
+
+    threads = [threading.Thread(target=compute, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    np.testing.assert_array_equal(results[0], results[1])
+    expected = precompute_image_embeddings(predictors[0], image, verbose=False)["features"]
+    np.testing.assert_allclose(results[0], expected, atol=1e-6)
+    with warnings.catch_warnings():  # the cache is complete and readable afterwards
+        warnings.simplefilter("error")
+        np.testing.assert_array_equal(
+            precompute_image_embeddings(predictors[0], image, save_path=path, verbose=False)["features"], results[0])
