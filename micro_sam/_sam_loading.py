@@ -83,6 +83,8 @@ def get_sam_model(
     see :mod:`micro_sam.models.precision`. The ViT encoders always get the faster, equivalent attention of
     :func:`micro_sam.models.fast_attention.optimize_sam`.
     """
+    sam_kwargs = _check_model_kwargs(model_kwargs)
+    peft_kwargs = _check_peft_kwargs(peft_kwargs, model_type)
     from segment_anything import SamPredictor
 
     from . import _checkpoints
@@ -95,10 +97,6 @@ def get_sam_model(
             f"Invalid model_type {model_type!r}: it must start with one of {_registry._ARCHITECTURES}. "
             f"Registered models: {', '.join(_registry.get_model_names())}."
         )
-    if model_kwargs:
-        raise NotImplementedError(f"Custom SAM construction parameters {sorted(model_kwargs)} are not supported.")
-    if peft_kwargs:
-        raise NotImplementedError("Parameter-efficient finetuning (peft_kwargs) is not supported by this package.")
     device = get_device(device)
     resolve_precision(precision, device)  # fail before loading anything
     checkpoint_path, model_hash, decoder_path = _resolve_files(
@@ -108,18 +106,21 @@ def get_sam_model(
         _checkpoints.safe_load(checkpoint_path), checkpoint_path
     )
     architecture = _checkpoints.resolve_architecture(model_type, model_state, checkpoint_path)
-    image_size = _checkpoints.image_size_of(state, architecture, checkpoint_path)
+    if "image_size" not in sam_kwargs:
+        image_size = _checkpoints.image_size_of(state, architecture, checkpoint_path)
+        if image_size != 1024:
+            sam_kwargs["image_size"] = image_size
     # Every parameter is loaded below (strictly, unless flexible): skip the random initialisation.
     with contextlib.nullcontext() if flexible_load_checkpoint else skip_weight_init():
-        sam = sam_model_registry[architecture](image_size=image_size) if image_size != 1024 else (
-            sam_model_registry[architecture]()
-        )
+        sam = sam_model_registry[architecture](**sam_kwargs)
+        if peft_kwargs:
+            from .models.peft_sam import PEFT_Sam
+
+            sam = PEFT_Sam(sam, **peft_kwargs).sam
     if flexible_load_checkpoint:
-        own = sam.state_dict()
-        model_state = {k: v for k, v in model_state.items() if k in own and own[k].shape == v.shape}
-        sam.load_state_dict(model_state, strict=False)
+        _load_flexibly(sam, model_state, checkpoint_path)
     else:
-        _checkpoints.load_model_state(sam, model_state, checkpoint_path)
+        _load_strictly(sam, model_state, checkpoint_path, peft_kwargs)
     sam.to(device=device)
     sam.eval()
     optimize_sam(sam)
@@ -143,6 +144,67 @@ def get_sam_model(
     if return_state:
         return predictor, state
     return predictor
+
+
+_MODEL_KWARGS = ("num_multimask_outputs", "image_size")
+
+
+def _check_model_kwargs(model_kwargs: dict) -> dict:
+    unknown = sorted(set(model_kwargs) - set(_MODEL_KWARGS))
+    if unknown:
+        raise ValueError(f"Unknown SAM construction parameters {unknown}; supported: {', '.join(_MODEL_KWARGS)}.")
+    return dict(model_kwargs)
+
+
+def _check_peft_kwargs(peft_kwargs, model_type) -> Optional[dict]:
+    """Checked ``peft_kwargs`` without ``quantize`` (inference runs unquantised, as in micro_sam), or None."""
+    if peft_kwargs is None or (isinstance(peft_kwargs, dict) and not peft_kwargs):
+        return None
+    from .models.peft_sam import check_peft_kwargs
+
+    peft_kwargs = check_peft_kwargs(peft_kwargs, model_type if isinstance(model_type, str) else None)
+    peft_kwargs.pop("quantize", None)
+    return peft_kwargs
+
+
+def _peft_hint(model_state) -> str:
+    from .models._peft_layout import infer_peft_kwargs
+
+    guess = infer_peft_kwargs(model_state)
+    if guess is None:
+        return " The checkpoint holds no PEFT parameters: load it without peft_kwargs."
+    return f" The checkpoint looks like a PEFT model trained with peft_kwargs={guess}."
+
+
+def _load_strictly(sam, model_state, checkpoint_path, peft_kwargs) -> None:
+    """Load all parameters; a mismatch that PEFT settings explain gets a hint on the settings to use."""
+    from . import _checkpoints
+    from .models._peft_layout import infer_peft_kwargs
+
+    try:
+        _checkpoints.load_model_state(sam, model_state, checkpoint_path)
+    except _checkpoints.CheckpointError as error:
+        if peft_kwargs is None and infer_peft_kwargs(model_state) is None:
+            raise
+        raise _checkpoints.CheckpointError(f"{error}{_peft_hint(model_state)}") from None
+
+
+def _load_flexibly(sam, model_state, checkpoint_path) -> None:
+    """Load the parameters that fit (position tables resized to another input size); warn about the rest."""
+    import warnings
+
+    from .models.build_sam import resize_position_tables
+
+    own = sam.state_dict()
+    model_state = resize_position_tables(model_state, own)
+    fitting = {k: v for k, v in model_state.items() if k in own and own[k].shape == v.shape}
+    mismatched = sorted(k for k in model_state if k in own and own[k].shape != model_state[k].shape)
+    if mismatched:
+        warnings.warn(
+            f"{len(mismatched)} parameters of {os.fspath(checkpoint_path)!r} do not fit the model and keep their "
+            f"initial values: {', '.join(mismatched[:5])}{' ...' if len(mismatched) > 5 else ''}."
+        )
+    sam.load_state_dict(fitting, strict=False)
 
 
 def export_custom_sam_model(

@@ -50,11 +50,16 @@ get_sam_model.__doc__ = """Get a segment_anything ``SamPredictor`` for a registe
         return_sam: Also return the ``Sam`` model.
         return_state: Also return the checkpoint's state dict (with ``decoder_state`` where the model has an
             instance segmentation decoder).
-        peft_kwargs: Not supported; must be None.
-        flexible_load_checkpoint: Load only the parameters whose names and shapes match.
+        peft_kwargs: Arguments of :class:`micro_sam.models.peft_sam.PEFT_Sam` (e.g. ``{"rank": 4, "peft_module":
+            "lora"}``) for a checkpoint of a PEFT-finetuned model: the model is wrapped before its weights are
+            loaded. ``quantize`` is ignored (inference runs unquantised).
+        flexible_load_checkpoint: Load only the parameters whose names and shapes match (a ViT's position tables
+            are resized to another ``image_size``; the others keep their initial values, with a warning).
         progress_bar_factory: Callable returning a tqdm-like progress bar for the download.
         decoder_path: A local decoder state to return in ``state["decoder_state"]``.
-        model_kwargs: Not supported; must be empty.
+        model_kwargs: ``num_multimask_outputs`` and ``image_size`` of the builders in
+            :mod:`micro_sam.models.build_sam` (e.g. for semantic segmentation; other values than the checkpoint's
+            need ``flexible_load_checkpoint=True``).
 
     Returns:
         The predictor, with attributes ``model_type`` (architecture), ``model_name``, ``_hash`` ("xxh128:...")

@@ -318,7 +318,9 @@ def train_sam(
         save_every_kth_epoch: Also keep ``epoch-<k>.pt`` every k epochs.
         pbar_signals: napari progress signals (``pbar_total``, ``pbar_update``, ``pbar_description``).
         optimizer_class: Optimizer class.
-        peft_kwargs: Not supported; must be None.
+        peft_kwargs: Parameter-efficient finetuning of the image encoder: arguments of
+            :class:`micro_sam.models.peft_sam.PEFT_Sam`, e.g. ``{"rank": 4, "peft_module": "lora"}`` (see
+            :func:`micro_sam.training.util.get_trainable_sam_model`).
         ignore_warnings: Silence warnings during training.
         verify_n_labels_in_loader: Batches of each loader checked before training; None: all.
         box_distortion_factor: Random enlargement of box prompts (fraction of the box size).
@@ -443,7 +445,9 @@ def train_instance_segmentation(
         save_every_kth_epoch: Also keep ``epoch-<k>.pt`` every k epochs.
         pbar_signals: napari progress signals.
         optimizer_class: Optimizer class.
-        peft_kwargs: Not supported; must be None.
+        peft_kwargs: Parameter-efficient finetuning of the image encoder: arguments of
+            :class:`micro_sam.models.peft_sam.PEFT_Sam`, e.g. ``{"rank": 4, "peft_module": "lora"}`` (see
+            :func:`micro_sam.training.util.get_trainable_sam_model`).
         ignore_warnings: Silence warnings during training.
         overwrite_training: False skips training if ``latest.pt`` already reached the requested iterations.
         strict_decoder_loading: Require a decoder state in the checkpoint to fit exactly.
