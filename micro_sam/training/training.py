@@ -23,7 +23,8 @@ from torch.utils.data import DataLoader
 
 import torch_em
 
-from ..util import get_device
+from ..models.peft_sam import ClassicalSurgery  # noqa: F401 (micro_sam 1.8 has it here)
+from ..util import export_custom_sam_model, get_device, get_model_names, get_sam_model  # noqa: F401
 from .configurations import CONFIGURATIONS, find_best_configuration, get_training_configuration
 from .data import (check_instance_labels, default_sam_dataset, default_sam_loader, iterate_batches,
                    with_batch_size)
@@ -647,85 +648,21 @@ def _parse_segmentation_decoder(segmentation_decoder) -> Tuple[bool, bool]:
                      f"{segmentation_decoder!r}.")
 
 
-def main(argv: Optional[List[str]] = None) -> None:
-    """Command line interface: finetune SAM on images and instance labels (``python -m`` or entry point)."""
-    import argparse
+def main(argv: Optional[List[str]] = None) -> int:
+    """The ``micro_sam.train`` command line: finetune SAM on images and instance labels (see
+    :mod:`micro_sam.training._train_cli` and ``micro_sam.train --help``).
 
-    from torch.utils.data import random_split
+    Args:
+        argv: The arguments; None reads them from ``sys.argv``.
 
-    from .util import get_raw_transform
+    Returns:
+        The exit code: 0 when the model was trained (and exported), 2 for invalid arguments or data (reported in one
+        line before anything is trained).
+    """
+    from ._train_cli import main as cli_main
 
-    parser = argparse.ArgumentParser(description="Finetune Segment Anything on microscopy images and labels.")
-    parser.add_argument("--images", required=True, nargs="*", help="Image files, or a folder with --image_key.")
-    parser.add_argument("--labels", required=True, nargs="*", help="Label files, or a folder with --label_key.")
-    parser.add_argument("--image_key", default=None, help="Dataset name in hdf5/zarr files, or a glob pattern.")
-    parser.add_argument("--label_key", default=None, help="Dataset name in hdf5/zarr files, or a glob pattern.")
-    parser.add_argument("--val_images", nargs="*", default=None)
-    parser.add_argument("--val_labels", nargs="*", default=None)
-    parser.add_argument("--val_image_key", default=None)
-    parser.add_argument("--val_label_key", default=None)
-    parser.add_argument("--configuration", default=None,
-                        help=f"Hardware configuration, one of {', '.join(CONFIGURATIONS)}; default: closest match.")
-    parser.add_argument("--segmentation_decoder", default="instances", help="'instances', 'instances_only', 'None'.")
-    parser.add_argument("-d", "--device", default=None)
-    parser.add_argument("--patch_shape", type=int, nargs="*", default=(512, 512))
-    parser.add_argument("-m", "--model_type", default=None)
-    parser.add_argument("--checkpoint_path", default=None)
-    parser.add_argument("-s", "--save_root", default=None)
-    parser.add_argument("--trained_model_name", default="sam_model")
-    parser.add_argument("--output_path", default=None, help="Export the best model to this .pt file.")
-    parser.add_argument("--n_epochs", type=int, default=100)
-    parser.add_argument("--n_iterations", type=int, default=None)
-    parser.add_argument("--num_workers", type=int, default=1)
-    parser.add_argument("--batch_size", type=int, default=None)
-    parser.add_argument("--preprocess", default=None, choices=("normalize_minmax", "normalize_percentile"))
-    parser.add_argument("--resume", action="store_true", help="Continue from latest.pt of this run.")
-    args = parser.parse_args(argv)
-
-    with_decoder, instances_only = _parse_segmentation_decoder(args.segmentation_decoder)
-    raw_transform = get_raw_transform(args.preprocess)
-
-    def one_or_list(paths):
-        return paths[0] if paths and len(paths) == 1 else paths
-
-    dataset_kwargs = dict(patch_shape=args.patch_shape, with_segmentation_decoder=with_decoder,
-                          train_instance_segmentation_only=instances_only, raw_transform=raw_transform)
-    dataset = default_sam_dataset(one_or_list(args.images), args.image_key, one_or_list(args.labels),
-                                  args.label_key, **dataset_kwargs)
-    if args.val_images is None:
-        n_val = max(1, int(0.1 * len(dataset)))
-        train_dataset, val_dataset = random_split(dataset, lengths=[len(dataset) - n_val, n_val])
-    else:
-        train_dataset = dataset
-        val_dataset = default_sam_dataset(one_or_list(args.val_images), args.val_image_key,
-                                          one_or_list(args.val_labels), args.val_label_key, is_train=False,
-                                          **dataset_kwargs)
-    configuration = args.configuration or find_best_configuration()
-    batch_size = args.batch_size or get_training_configuration(configuration, args.model_type)["batch_size"]
-    train_loader = torch_em.segmentation.get_data_loader(train_dataset, batch_size=batch_size, shuffle=True,
-                                                         num_workers=args.num_workers)
-    val_loader = torch_em.segmentation.get_data_loader(val_dataset, batch_size=1, shuffle=True,
-                                                       num_workers=args.num_workers)
-    extra = {"n_epochs": args.n_epochs, "n_iterations": args.n_iterations, "device": args.device,
-             "save_root": args.save_root}
-    if args.resume:
-        extra["load_from_checkpoint"] = "latest"
-    train_sam_for_configuration(
-        name=args.trained_model_name, configuration=configuration, model_type=args.model_type,
-        train_loader=train_loader, val_loader=val_loader, checkpoint_path=args.checkpoint_path,
-        with_segmentation_decoder=with_decoder, train_instance_segmentation_only=instances_only, **extra,
-    )
-    model_type = args.model_type or get_training_configuration(configuration)["model_type"]
-    if instances_only and args.output_path:
-        trained = os.path.join("." if args.save_root is None else args.save_root, "checkpoints",
-                               args.trained_model_name, "best.pt")
-        export_instance_segmentation_model(trained, args.output_path, model_type, args.checkpoint_path)
-        final_path = args.output_path
-    else:
-        final_path = _export_helper(args.save_root, args.trained_model_name, args.output_path, model_type,
-                                    with_decoder)
-    print(f"Training has finished. The trained model is saved at {final_path}.")
+    return cli_main(argv)
 
 
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    raise SystemExit(main())
