@@ -181,6 +181,15 @@ def _load_strictly(sam, model_state, checkpoint_path, peft_kwargs) -> None:
     from . import _checkpoints
     from .models._peft_layout import infer_peft_kwargs
 
+    own = sam.state_dict()
+    mismatched = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in model_state.items()
+                  if k in own and own[k].shape != v.shape]
+    if mismatched:
+        raise _checkpoints.CheckpointError(
+            f"The checkpoint {os.fspath(checkpoint_path)!r} does not match the model: {len(mismatched)} parameters "
+            f"of another shape (checkpoint vs model), e.g. {', '.join(mismatched[:2])}. A model built with other "
+            "num_multimask_outputs / image_size loads what fits with flexible_load_checkpoint=True."
+        )
     try:
         _checkpoints.load_model_state(sam, model_state, checkpoint_path)
     except _checkpoints.CheckpointError as error:

@@ -145,6 +145,7 @@ def infer_peft_kwargs(model_state: Dict[str, torch.Tensor]) -> Optional[dict]:
             found.add("ssf")
         elif rest == "mlp.down_proj.weight":
             found.add("adaptformer")
+            rank = int(value.shape[0])  # the projection size
     ordered = sorted(per_block)
     position = {index: i for i, index in enumerate(i for i in ordered if len(i) == 1 or i[0] >= 1)}
     touched = {position[i]: kinds for i, kinds in per_block.items() if kinds and i in position}
@@ -162,7 +163,9 @@ def infer_peft_kwargs(model_state: Dict[str, torch.Tensor]) -> Optional[dict]:
     elif "ssf" in kinds:
         kwargs = {"peft_module": "SSFSurgery"}
     elif "adaptformer" in kinds:
-        kwargs = {"peft_module": "AdaptFormer"}
+        kwargs = {"peft_module": "AdaptFormer", "projection_size": rank}
+        if not any(k.endswith("mlp.alpha") for k in model_state):
+            kwargs["alpha"] = 1.0  # a fixed factor (its value is not stored)
     if not all_layers:
         kwargs["attention_layers_to_update"] = layers
     return kwargs

@@ -1,6 +1,6 @@
 """The ``micro_sam.train`` command: finetune SAM on images and instance labels, optionally with PEFT.
 
-micro_sam 1.8's options, plus ``--n_iterations``, ``--lr``, ``--resume``, ``--checkpoint_name`` (an alias of
+micro_sam 1.8's options, plus ``--n_iterations``, ``--lr``, ``--n_objects_per_batch``, ``--resume``, ``--checkpoint_name`` (an alias of
 ``--trained_model_name``), ``--quiet`` and the PEFT options ``--peft_method``, ``--peft_rank``, ``--peft_layers``
 and ``--peft_update_matrices``. Everything that can be checked without training is checked first (settings, PEFT
 arguments, file pairs and their shapes), so that bad input fails at once with one line naming the problem and
@@ -33,7 +33,11 @@ def _parser():
 
     from .configurations import CONFIGURATIONS, RESOURCES
 
-    parser = argparse.ArgumentParser(
+    class ArgumentParser(argparse.ArgumentParser):
+        def error(self, message):  # one line through main's error handling instead of the usage text
+            raise ValueError(f"{message} (see micro_sam.train --help)")
+
+    parser = ArgumentParser(
         prog="micro_sam.train", description="Finetune Segment Anything on microscopy images and instance labels.",
     )
     data = parser.add_argument_group("data")
@@ -68,16 +72,19 @@ def _parser():
     model.add_argument("--n_iterations", type=int, default=None, help="Iterations to train (overrides --n_epochs).")
     model.add_argument("--batch_size", type=int, default=None, help="Default: the configuration's.")
     model.add_argument("--lr", type=float, default=1e-5, help="Learning rate (default 1e-5).")
+    model.add_argument("--n_objects_per_batch", type=int, default=None,
+                       help="Objects per image for the interactive loss; default: the configuration's.")
     model.add_argument("--resume", action="store_true", help="Continue from latest.pt of this run.")
 
     peft = parser.add_argument_group("parameter-efficient finetuning of the image encoder")
-    peft.add_argument("--peft_method", default=None, choices=_PEFT_METHODS,
-                      help="Freeze the image encoder except for this PEFT method (micro_sam.models.peft_sam).")
+    peft.add_argument("--peft_method", default=None,
+                      help=f"Freeze the image encoder except for this PEFT method: {', '.join(_PEFT_METHODS)} "
+                           "(see micro_sam.models.peft_sam).")
     peft.add_argument("--peft_rank", type=int, default=None, help="Rank for lora / fact (e.g. 4).")
     peft.add_argument("--peft_layers", type=int, nargs="+", default=None,
                       help="Transformer blocks to adapt (vit_b 0-11, vit_l 0-23, vit_h 0-31, vit_t 0-9); default all.")
-    peft.add_argument("--peft_update_matrices", nargs="+", default=None, choices=("q", "k", "v", "mlp"),
-                      help="For lora: which projections to update (default q v).")
+    peft.add_argument("--peft_update_matrices", nargs="+", default=None,
+                      help="For lora: which of q, k, v, mlp to update (default q v).")
 
     output = parser.add_argument_group("output")
     output.add_argument("-s", "--save_root", default=None, help="Folder for checkpoints and logs (default: here).")
@@ -101,6 +108,8 @@ def _peft_kwargs(args, model_type: str) -> Optional[dict]:
         if given:
             raise ValueError(f"{', '.join(given)} need --peft_method (one of {', '.join(_PEFT_METHODS)}).")
         return None
+    if args.peft_method not in _PEFT_METHODS:
+        raise ValueError(f"Unknown --peft_method {args.peft_method!r}; choose one of {', '.join(_PEFT_METHODS)}.")
     kwargs = {"peft_module": args.peft_method}
     if args.peft_rank is not None:
         kwargs["rank"] = args.peft_rank
@@ -127,13 +136,15 @@ def _check_settings(args) -> Tuple[str, str, bool, bool]:
         raise ValueError(f"Unknown model_type {model_type!r}; registered models: {', '.join(get_model_names())}.")
     if args.checkpoint_path is not None and not os.path.isfile(args.checkpoint_path):
         raise ValueError(f"The checkpoint {args.checkpoint_path!r} does not exist.")
-    get_training_configuration(configuration, model_type)  # the configuration must exist and know the model
+    get_training_configuration(configuration)  # the configuration must exist
     if args.n_iterations is None and args.n_epochs < 1:
         raise ValueError(f"--n_epochs must be at least 1, got {args.n_epochs}.")
     if args.n_iterations is not None and args.n_iterations < 1:
         raise ValueError(f"--n_iterations must be at least 1, got {args.n_iterations}.")
     if not args.lr > 0:
         raise ValueError(f"--lr must be positive, got {args.lr}.")
+    if args.n_objects_per_batch is not None and args.n_objects_per_batch < 1:
+        raise ValueError(f"--n_objects_per_batch must be at least 1, got {args.n_objects_per_batch}.")
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError(f"--batch_size must be at least 1, got {args.batch_size}.")
     if len(args.patch_shape) != 2 or min(args.patch_shape) < 1:
@@ -199,6 +210,18 @@ def _spatial(shape: Tuple[int, ...]) -> Tuple[int, ...]:
     return shape
 
 
+def _settings(configuration: str, model_type: str, quiet: bool) -> dict:
+    """The configuration's settings for the model; its vit_b row (with a note) for a model not tested on it."""
+    from .configurations import get_training_configuration
+
+    try:
+        return get_training_configuration(configuration, model_type)
+    except ValueError as error:
+        if not quiet:
+            print(f"micro_sam.train: note: {error} Using the settings of its vit_b row.")
+        return get_training_configuration(configuration)
+
+
 def check_image_label_pairs(images: Sequence[str], labels: Sequence[str], image_key: Optional[str],
                             label_key: Optional[str], patch_shape: Sequence[int], which: str = "training") -> int:
     """Check that images and labels pair up: the same number of images, and each label image of its image's shape
@@ -248,9 +271,8 @@ def run(argv: Optional[Sequence[str]] = None) -> str:
     import torch_em
     from torch.utils.data import random_split
 
-    from .configurations import get_training_configuration
+    from . import training
     from .data import default_sam_dataset
-    from .training import _export_helper, export_instance_segmentation_model, train_sam_for_configuration
     from .util import get_raw_transform
 
     args = _parser().parse_args(argv)
@@ -277,18 +299,20 @@ def run(argv: Optional[Sequence[str]] = None) -> str:
         val_dataset = default_sam_dataset(one_or_list(args.val_images), args.val_image_key,
                                           one_or_list(args.val_labels), args.val_label_key, is_train=False,
                                           **dataset_kwargs)
-    settings = get_training_configuration(configuration, model_type)
+    settings = _settings(configuration, model_type, args.quiet)
     batch_size = args.batch_size or settings["batch_size"]
     train_loader = torch_em.segmentation.get_data_loader(train_dataset, batch_size=batch_size, shuffle=True,
                                                          num_workers=args.num_workers)
     val_loader = torch_em.segmentation.get_data_loader(val_dataset, batch_size=1, shuffle=True,
                                                        num_workers=args.num_workers)
 
+    freeze = list(settings["freeze"])
+    if peft_kwargs is not None:  # PEFT trains (parts of) the image encoder
+        freeze = [part for part in freeze if part != "image_encoder"]
+    n_objects = args.n_objects_per_batch or settings["n_objects_per_batch"]
     extra = {"n_epochs": args.n_epochs, "n_iterations": args.n_iterations, "device": args.device,
-             "save_root": args.save_root, "lr": args.lr}
-    if peft_kwargs is not None:
-        extra["peft_kwargs"] = peft_kwargs
-        extra["freeze"] = [part for part in settings["freeze"] if part != "image_encoder"] or None
+             "save_root": args.save_root, "lr": args.lr, "freeze": freeze or None, "peft_kwargs": peft_kwargs,
+             "checkpoint_path": args.checkpoint_path, "model_type": model_type}
     if args.resume:
         extra["load_from_checkpoint"] = "latest"
     if args.quiet:
@@ -297,18 +321,20 @@ def run(argv: Optional[Sequence[str]] = None) -> str:
         what = "the decoder only" if instances_only else "SAM and the decoder" if with_decoder else "SAM"
         peft = "" if peft_kwargs is None else f", PEFT {peft_kwargs}"
         print(f"micro_sam.train: {n_train} image(s); training {what} from {model_type} with the {configuration!r} "
-              f"configuration (batch size {batch_size}, {settings['n_objects_per_batch']} objects per image{peft}); "
+              f"configuration (batch size {batch_size}, {n_objects} objects per image{peft}); "
               f"checkpoints in {os.path.join(args.save_root or '.', 'checkpoints', args.trained_model_name)}")
-    train_sam_for_configuration(
-        name=args.trained_model_name, configuration=configuration, model_type=model_type,
-        train_loader=train_loader, val_loader=val_loader, checkpoint_path=args.checkpoint_path,
-        with_segmentation_decoder=with_decoder, train_instance_segmentation_only=instances_only, **extra,
-    )
+    if instances_only:
+        training.train_instance_segmentation(name=args.trained_model_name, train_loader=train_loader,
+                                             val_loader=val_loader, **extra)
+    else:
+        training.train_sam(name=args.trained_model_name, train_loader=train_loader, val_loader=val_loader,
+                           with_segmentation_decoder=with_decoder, n_objects_per_batch=n_objects, **extra)
     if instances_only and args.output_path:
         trained = os.path.join(args.save_root or ".", "checkpoints", args.trained_model_name, "best.pt")
-        export_instance_segmentation_model(trained, args.output_path, model_type, args.checkpoint_path)
+        training.export_instance_segmentation_model(trained, args.output_path, model_type, args.checkpoint_path)
         return args.output_path
-    return _export_helper(args.save_root, args.trained_model_name, args.output_path, model_type, with_decoder)
+    return training._export_helper(args.save_root, args.trained_model_name, args.output_path, model_type,
+                                   with_decoder)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -500,7 +500,8 @@ def export_instance_segmentation_model(
     The file holds ``{"model_state": <SAM state dict>, "decoder_state": <UNETR decoder state>}``, loadable with
     :func:`micro_sam.util.get_sam_model` and :func:`micro_sam.instance_segmentation.get_predictor_and_decoder`.
     The image encoder comes from the trained UNETR, prompt encoder and mask decoder from the initial model (they
-    were not trained, so the model is meant for automatic segmentation).
+    were not trained, so the model is meant for automatic segmentation). An encoder trained with PEFT
+    (``peft_kwargs``) keeps its PEFT parameters: load the file with the same ``peft_kwargs``.
 
     Args:
         trained_model_path: The trained checkpoint (``checkpoints/<name>/best.pt``).
@@ -512,6 +513,8 @@ def export_instance_segmentation_model(
         ValueError: The trained checkpoint does not fit the model.
     """
     from .._checkpoints import safe_load
+    from ..models._peft_layout import infer_peft_kwargs
+    from ..models.peft_sam import PEFT_Sam
     from ..util import get_sam_model
 
     state = safe_load(trained_model_path)
@@ -521,8 +524,12 @@ def export_instance_segmentation_model(
     encoder_state = {k[len("encoder."):]: v for k, v in trained.items() if k.startswith("encoder.")}
     decoder_state = OrderedDict((k, v) for k, v in trained.items() if not k.startswith("encoder"))
 
-    predictor = get_sam_model(model_type=model_type, checkpoint_path=initial_checkpoint_path, device="cpu")
-    model_state = OrderedDict(predictor.model.state_dict())
+    predictor, sam = get_sam_model(model_type=model_type, checkpoint_path=initial_checkpoint_path, device="cpu",
+                                   return_sam=True)
+    peft_kwargs = infer_peft_kwargs({f"image_encoder.{k}": v for k, v in encoder_state.items()})
+    if peft_kwargs is not None:  # the layout of the trained encoder (its PEFT parameters come from the checkpoint)
+        sam = PEFT_Sam(sam, **peft_kwargs).sam
+    model_state = OrderedDict(sam.state_dict())
     own_encoder = [k[len("image_encoder."):] for k in model_state if k.startswith("image_encoder.")]
     missing = [k for k in own_encoder if k not in encoder_state]
     mismatched = [k for k in own_encoder if k in encoder_state

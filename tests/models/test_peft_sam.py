@@ -357,3 +357,20 @@ def test_quantize_needs_bitsandbytes_and_cuda(monkeypatch):
     # every linear layer of the encoder is replaced (qkv, proj, lin1, lin2 per block); LoRA's matrices are not
     assert len(quantized) == 8 and len(encoder_linears) == 8 + 2 * 2 * 2
     assert torch.allclose(_encode(wrapped), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["vit", "vit_t"])
+@pytest.mark.parametrize("kwargs", [
+    {"peft_module": "LoRASurgery", "rank": 3, "update_matrices": ["q", "v"]},
+    {"peft_module": "LoRASurgery", "rank": 2, "update_matrices": ["k", "mlp"], "attention_layers_to_update": [1]},
+    {"peft_module": "FacTSurgery", "rank": 5},
+    {"peft_module": "SSFSurgery"},
+    {"peft_module": "AdaptFormer", "projection_size": 16},
+])
+def test_peft_settings_are_read_back_from_parameter_names(family, kwargs):
+    from micro_sam.models._peft_layout import infer_peft_kwargs
+
+    state = PEFT_Sam(BUILDERS[family](), **kwargs).sam.state_dict()
+    assert infer_peft_kwargs(state) == kwargs
+    assert infer_peft_kwargs({f"sam.{k}": v for k, v in state.items()}) == kwargs
+    assert infer_peft_kwargs(BUILDERS[family]().state_dict()) is None
