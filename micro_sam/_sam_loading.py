@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections import OrderedDict
 from typing import Callable, Optional, Union
 
 from . import _registry
@@ -224,8 +225,6 @@ def export_custom_sam_model(
     prefix: str = "sam.",
 ) -> None:
     """See :func:`micro_sam.util.export_custom_sam_model`."""
-    import torch
-
     from . import _checkpoints
 
     obj = _checkpoints.safe_load(checkpoint_path)
@@ -244,10 +243,53 @@ def export_custom_sam_model(
         to_save = model_state
     if image_size != 1024:  # a model for another input size keeps that size (see models.build_sam)
         to_save["image_size"] = image_size
+    _save_atomically(to_save, save_path)
+
+
+def export_custom_qlora_model(
+    checkpoint_path: Optional[Union[str, os.PathLike]],
+    finetuned_path: Union[str, os.PathLike],
+    model_type: str,
+    save_path: Union[str, os.PathLike],
+) -> None:
+    """See :func:`micro_sam.util.export_custom_qlora_model`."""
+    from . import _checkpoints
+    from .models._peft_layout import infer_peft_kwargs
+    from .models.peft_sam import PEFT_Sam
+
+    finetuned_path = os.fspath(finetuned_path)
+    model_state, decoder_state, state = _checkpoints.split_checkpoint(_checkpoints.safe_load(finetuned_path),
+                                                                      finetuned_path)
+    peft_kwargs = infer_peft_kwargs(model_state)
+    if peft_kwargs is None or peft_kwargs.get("peft_module") != "LoRASurgery":
+        raise ValueError(f"{finetuned_path!r} holds no LoRA parameters ('...qkv.w_a_linear_q.weight', ...); it is not "
+                         "a (Q)LoRA checkpoint.")
+    _, sam = get_sam_model(model_type=model_type, checkpoint_path=checkpoint_path, device="cpu", return_sam=True)
+    template = PEFT_Sam(sam, **peft_kwargs).sam.state_dict()
+    exported = OrderedDict()
+    for key, base_value in template.items():
+        value = model_state.get(key)
+        # Quantized weights are stored in bitsandbytes' packed format (another shape / dtype): take the base
+        # model's; everything else (LoRA matrices, trained prompt encoder and mask decoder) from the finetuned model.
+        usable = value is not None and value.shape == base_value.shape and value.dtype == base_value.dtype
+        exported[key] = value if usable else base_value
+    to_save = {"model_state": exported}
+    if decoder_state is not None:
+        to_save["decoder_state"] = decoder_state
+    image_size = int(sam.image_encoder.img_size)
+    if image_size != 1024:
+        to_save["image_size"] = image_size
+    _save_atomically(to_save, save_path)
+    print(f"Exported the LoRA model with peft_kwargs={peft_kwargs} to {os.fspath(save_path)}.")
+
+
+def _save_atomically(obj, save_path) -> None:
+    import torch
+
     save_path = os.fspath(save_path)
     tmp_path = f"{save_path}.tmp-{os.getpid()}"
     try:
-        torch.save(to_save, tmp_path)
+        torch.save(obj, tmp_path)
         os.replace(tmp_path, save_path)
     finally:
         if os.path.exists(tmp_path):

@@ -286,3 +286,27 @@ apply_nms.__doc__ = """Non-maximum suppression over SAM mask records, then paint
     Returns:
         uint32 label image.
     """
+
+
+# Parameter-efficient finetuning (QLoRA export); see micro_sam.models.peft_sam.
+from ._sam_loading import export_custom_qlora_model  # noqa: E402
+
+__all__ += ["export_custom_qlora_model"]
+
+export_custom_qlora_model.__doc__ = """Turn a QLoRA-finetuned checkpoint into a LoRA model file for ``get_sam_model``.
+
+    QLoRA (``peft_kwargs={"rank": ..., "quantize": True}``, bitsandbytes on a CUDA GPU) stores the frozen image
+    encoder's linear layers in bitsandbytes' packed 4-bit format. The exported file holds the base model's weights
+    for them (they were frozen), the LoRA matrices and all other trained parameters of the finetuned checkpoint,
+    and its ``decoder_state``; load it with ``get_sam_model(..., peft_kwargs={"rank": ...})``. Reading the
+    checkpoint needs neither bitsandbytes nor a GPU.
+
+    Args:
+        checkpoint_path: The base model the finetuning started from (None: the registered ``model_type``).
+        finetuned_path: The QLoRA trainer checkpoint (``checkpoints/<name>/best.pt``).
+        model_type: The architecture / registered name of the base model.
+        save_path: Where to write the LoRA model file (written atomically).
+
+    Raises:
+        ValueError: ``finetuned_path`` holds no LoRA parameters.
+    """

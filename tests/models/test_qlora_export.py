@@ -1,0 +1,58 @@
+"""util.export_custom_qlora_model: a QLoRA checkpoint (packed 4-bit encoder weights) becomes a loadable LoRA model."""
+import copy
+
+import pytest
+import torch
+
+from micro_sam.models.build_sam import build_sam_vit_t
+from micro_sam.models.peft_sam import PEFT_Sam
+from micro_sam.util import export_custom_qlora_model, get_sam_model
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_qlora_checkpoint_exports_to_a_lora_model(tmp_path):
+    torch.manual_seed(0)
+    base = build_sam_vit_t(image_size=256).eval()
+    base_path = tmp_path / "base.pt"
+    torch.save({"model_state": base.state_dict(), "image_size": 256}, base_path)
+
+    # What a QLoRA trainer checkpoint holds: the encoder's linear weights in bitsandbytes' packed format (uint8,
+    # (n / 2, 1)) with their quantization state, trained LoRA matrices and a trained mask decoder.
+    trained = PEFT_Sam(copy.deepcopy(base), rank=2, update_matrices=["q", "v", "mlp"]).sam.eval()
+    with torch.no_grad():
+        for name, parameter in trained.named_parameters():
+            if "w_b_linear" in name or name.startswith("mask_decoder."):
+                parameter.add_(torch.randn_like(parameter) * 0.05)
+    model_state = {}
+    for key, value in trained.state_dict().items():
+        if key.startswith("image_encoder.") and key.endswith("_proj.weight") or key.endswith(("fc1.weight", "fc2.weight")):
+            model_state[f"sam.{key}"] = torch.zeros(value.numel() // 2, 1, dtype=torch.uint8)
+            model_state[f"sam.{key}.absmax"] = torch.ones(value.numel() // 64)
+            model_state[f"sam.{key}.quant_state.bitsandbytes__nf4"] = torch.zeros(16, dtype=torch.uint8)
+        else:
+            model_state[f"sam.{key}"] = value
+    finetuned = tmp_path / "best.pt"
+    decoder_state = {"base.weight": torch.ones(2)}
+    torch.save({"model_state": model_state, "decoder_state": decoder_state, "iteration": 10}, finetuned)
+
+    out = tmp_path / "lora.pt"
+    export_custom_qlora_model(base_path, finetuned, "vit_t", out)
+    predictor, state = get_sam_model("vit_t", checkpoint_path=out, device="cpu", return_state=True,
+                                     peft_kwargs={"rank": 2, "update_matrices": ["q", "v", "mlp"], "quantize": True})
+    assert torch.equal(state["decoder_state"]["base.weight"], decoder_state["base.weight"])
+    x = torch.randn(1, 3, 256, 256)
+    with torch.no_grad():
+        assert torch.allclose(predictor.model.image_encoder(x), trained.image_encoder(x), atol=1e-5)
+    loaded = predictor.model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in trained.state_dict().items())
+
+    with pytest.raises(ValueError, match="holds no LoRA parameters"):
+        export_custom_qlora_model(base_path, base_path, "vit_t", tmp_path / "nothing.pt")
+    assert not (tmp_path / "nothing.pt").exists()
