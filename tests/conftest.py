@@ -66,3 +66,15 @@ def vit_t_predictor(vit_t_checkpoint):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run a test single-threaded (small models: on a shared CPU, thread synchronisation costs more than it gains).
+
+    Use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

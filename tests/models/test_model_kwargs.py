@@ -6,13 +6,7 @@ import torch
 
 from micro_sam.models.build_sam import build_sam, build_sam_vit_h, resize_position_tables
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_build_sam_is_vit_h_and_checks_its_arguments():

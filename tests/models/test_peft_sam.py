@@ -18,6 +18,8 @@ from micro_sam.models.peft_sam import PEFT_Sam, check_peft_kwargs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def small_vit_sam(seed=0):
     """A 2-block ViT SAM (64 channels, 4 heads; a padded window block and a global block) for 256 x 256 inputs."""
@@ -59,14 +61,6 @@ def small_vit_t_sam(seed=0):
 
 BUILDERS = {"vit": small_vit_sam, "vit_t": small_vit_t_sam}
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Small models: on a shared CPU, thread synchronisation costs more than it gains."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _encode(sam, seed=1):

@@ -8,13 +8,7 @@ from micro_sam.models.build_sam import build_sam_vit_t
 from micro_sam.models.peft_sam import PEFT_Sam
 from micro_sam.util import export_custom_qlora_model, get_sam_model
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_qlora_checkpoint_exports_to_a_lora_model(tmp_path):
