@@ -50,3 +50,34 @@ def test_qlora_checkpoint_exports_to_a_lora_model(tmp_path):
     with pytest.raises(ValueError, match="holds no LoRA parameters"):
         export_custom_qlora_model(base_path, base_path, "vit_t", tmp_path / "nothing.pt")
     assert not (tmp_path / "nothing.pt").exists()
+
+
+def test_predictor_and_decoder_of_a_lora_model_equal_the_unetr_module(tmp_path):
+    """A LoRA model with an AIS decoder: get_predictor_and_decoder(peft_kwargs=...) on precomputed embeddings gives
+    the maps of torch_em's UNETR module run on the image with the same (wrapped) encoder."""
+    import numpy as np
+    from segment_anything import SamPredictor
+
+    from micro_sam.instance_segmentation import get_predictor_and_decoder, get_unetr
+
+    torch.manual_seed(1)
+    sam = PEFT_Sam(build_sam_vit_t(image_size=256), rank=2).sam.eval()
+    with torch.no_grad():
+        for name, parameter in sam.named_parameters():
+            if "w_b_linear" in name:
+                parameter.normal_(0, 0.05)
+    unetr = get_unetr(sam.image_encoder, device="cpu")
+    decoder_state = {k: v for k, v in unetr.state_dict().items() if not k.startswith("encoder.")}
+    path = tmp_path / "lora_with_decoder.pt"
+    torch.save({"model_state": sam.state_dict(), "decoder_state": decoder_state, "image_size": 256}, path)
+
+    predictor, decoder = get_predictor_and_decoder("vit_t", path, device="cpu", peft_kwargs={"rank": 2})
+    image = np.random.default_rng(0).integers(0, 256, size=(256, 256, 3), dtype=np.uint8)
+    predictor.set_image(image)
+    reference = SamPredictor(sam)
+    reference.set_image(image)
+    with torch.no_grad():
+        maps = decoder(predictor.features, predictor.input_size, predictor.original_size)
+        expected = unetr(torch.from_numpy(image).permute(2, 0, 1)[None].float())  # train mode: batch statistics
+    torch.testing.assert_close(predictor.features, reference.features, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(maps, expected, atol=1e-4, rtol=1e-4)
