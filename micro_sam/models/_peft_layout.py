@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-__all__ = ["QKVLayout", "transformer_blocks", "qkv_layout", "mlp_parts", "infer_peft_kwargs"]
+__all__ = ["QKVLayout", "transformer_blocks", "qkv_layout", "mlp_parts", "infer_peft_kwargs", "quantize_linear_layers"]
 
 
 def transformer_blocks(encoder: nn.Module) -> List[nn.Module]:
@@ -169,3 +169,32 @@ def infer_peft_kwargs(model_state: Dict[str, torch.Tensor]) -> Optional[dict]:
     if not all_layers:
         kwargs["attention_layers_to_update"] = layers
     return kwargs
+
+
+def quantize_linear_layers(encoder: nn.Module) -> None:
+    """Replace every linear layer of ``encoder`` by a bitsandbytes 4-bit layer (QLoRA), in place; CUDA only.
+
+    Raises:
+        ModuleNotFoundError: bitsandbytes is not installed.
+        RuntimeError: No CUDA GPU.
+    """
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise ModuleNotFoundError(
+            "quantize=True needs the 'bitsandbytes' package (pip install bitsandbytes) and a CUDA GPU."
+        ) from None
+    if not torch.cuda.is_available():
+        raise RuntimeError("quantize=True (4-bit QLoRA) needs a CUDA GPU; bitsandbytes does not quantize on this device.")
+    for name, module in list(encoder.named_modules()):
+        if type(module) is not nn.Linear:
+            continue
+        *path, leaf = name.split(".")
+        parent = encoder
+        for part in path:
+            parent = getattr(parent, part)
+        quantized = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None)
+        quantized.weight = bnb.nn.Params4bit(data=module.weight.data, requires_grad=False)
+        if module.bias is not None:
+            quantized.bias = nn.Parameter(module.bias.data)
+        setattr(parent, leaf, quantized)

@@ -42,7 +42,7 @@ from typing import Dict, List, Optional, Sequence, Type, Union
 import torch
 from torch import nn
 
-from ._peft_layout import mlp_parts, qkv_layout, transformer_blocks
+from ._peft_layout import mlp_parts, qkv_layout, quantize_linear_layers, transformer_blocks
 
 __all__ = [
     "AdaptFormer", "AttentionLoRA", "AttentionSurgery", "BiasSurgery", "ClassicalSurgery", "FacTSurgery",
@@ -466,30 +466,6 @@ def get_peft_module(peft_module: Union[str, Type[nn.Module]]) -> Type[nn.Module]
     raise ValueError(f"Unknown PEFT module {peft_module!r}; valid: {names}, or the class itself.")
 
 
-def _quantize_linear_layers(encoder: nn.Module) -> None:
-    """Replace every linear layer of ``encoder`` by a bitsandbytes 4-bit layer (QLoRA); CUDA only."""
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        raise ModuleNotFoundError(
-            "quantize=True needs the 'bitsandbytes' package (pip install bitsandbytes) and a CUDA GPU."
-        ) from None
-    if not torch.cuda.is_available():
-        raise RuntimeError("quantize=True (4-bit QLoRA) needs a CUDA GPU; bitsandbytes does not quantize on this device.")
-    for name, module in list(encoder.named_modules()):
-        if type(module) is not nn.Linear:
-            continue
-        *path, leaf = name.split(".")
-        parent = encoder
-        for part in path:
-            parent = getattr(parent, part)
-        quantized = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None)
-        quantized.weight = bnb.nn.Params4bit(data=module.weight.data, requires_grad=False)
-        if module.bias is not None:
-            quantized.bias = nn.Parameter(module.bias.data)
-        setattr(parent, leaf, quantized)
-
-
 class PEFT_Sam(nn.Module):
     """Wrap SAM's image encoder for parameter-efficient finetuning (in place).
 
@@ -530,7 +506,7 @@ class PEFT_Sam(nn.Module):
         peft_module, layers = _validate(peft_module, rank, attention_layers_to_update, module_kwargs, len(blocks))
 
         if quantize:
-            _quantize_linear_layers(model.image_encoder)
+            quantize_linear_layers(model.image_encoder)
         for parameter in model.image_encoder.parameters():
             parameter.requires_grad = False
 
@@ -576,9 +552,8 @@ def check_peft_kwargs(peft_kwargs: dict, model_type: Optional[str] = None) -> di
     if not isinstance(peft_kwargs, dict):
         raise ValueError(f"peft_kwargs must be a dict of PEFT_Sam arguments, got {peft_kwargs!r}.")
     kwargs = dict(peft_kwargs)
-    unknown = sorted({"model"} & set(kwargs))
-    if unknown:
-        raise ValueError("peft_kwargs must not contain the model.")
+    if "model" in kwargs:
+        raise ValueError("peft_kwargs must not contain the model: they are the other arguments of PEFT_Sam.")
     module_kwargs = {k: v for k, v in kwargs.items()
                      if k not in ("rank", "peft_module", "attention_layers_to_update", "quantize")}
     n_blocks = N_BLOCKS.get(model_type[:5]) if isinstance(model_type, str) else None
