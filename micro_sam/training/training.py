@@ -515,7 +515,6 @@ def export_instance_segmentation_model(
     from .._checkpoints import safe_load
     from ..models._peft_layout import infer_peft_kwargs
     from ..models.peft_sam import PEFT_Sam
-    from ..util import get_sam_model
 
     state = safe_load(trained_model_path)
     trained = state.get("model_state", state) if isinstance(state, dict) else None
@@ -524,8 +523,10 @@ def export_instance_segmentation_model(
     encoder_state = {k[len("encoder."):]: v for k, v in trained.items() if k.startswith("encoder.")}
     decoder_state = OrderedDict((k, v) for k, v in trained.items() if not k.startswith("encoder"))
 
-    predictor, sam = get_sam_model(model_type=model_type, checkpoint_path=initial_checkpoint_path, device="cpu",
-                                   return_sam=True)
+    from .. import util  # looked up at call time (tests replace util.get_sam_model)
+
+    predictor = util.get_sam_model(model_type=model_type, checkpoint_path=initial_checkpoint_path, device="cpu")
+    sam = predictor.model
     peft_kwargs = infer_peft_kwargs({f"image_encoder.{k}": v for k, v in encoder_state.items()})
     if peft_kwargs is not None:  # the layout of the trained encoder (its PEFT parameters come from the checkpoint)
         sam = PEFT_Sam(sam, **peft_kwargs).sam
@@ -629,8 +630,6 @@ def train_sam_for_configuration(
 #
 
 def _export_helper(save_root, checkpoint_name, output_path, model_type, with_segmentation_decoder):
-    from ..util import export_custom_sam_model
-
     best = os.path.join(os.getcwd() if save_root is None else os.fspath(save_root), "checkpoints", checkpoint_name,
                         "best.pt")
     if not os.path.exists(best):
