@@ -68,6 +68,7 @@ class QKVLayout:
     def add_(self, qkv: torch.Tensor, deltas: Dict[str, torch.Tensor]) -> torch.Tensor:
         """Add ``deltas[name]`` (..., groups * width) to the ``name`` part of ``qkv`` (..., groups * (q + k + v)),
         in place; returns ``qkv``."""
+        qkv = qkv.contiguous()  # a no-op for a linear layer's output; the view below must alias qkv
         grouped = qkv.view(*qkv.shape[:-1], self.groups, self.q + self.k + self.v)
         offsets = self.offsets()
         for name, delta in deltas.items():
