@@ -155,3 +155,26 @@ def test_lora_run_trains_exports_and_loads_back(capsys, data, tmp_path, vit_t_ch
         get_sam_model("vit_t", checkpoint_path=output, device="cpu")
     with pytest.raises(RuntimeError, match="holds no PEFT parameters: load it without peft_kwargs"):
         get_sam_model("vit_t", checkpoint_path=start, device="cpu", peft_kwargs={"rank": 2})
+
+
+def test_settings_reach_the_training(capsys, data, monkeypatch, tmp_path):
+    """The configuration's settings, the PEFT options and --quiet as train_sam receives them (training replaced)."""
+    calls = []
+    monkeypatch.setattr(training_module, "train_sam", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(training_module, "_export_helper", lambda *args: "best.pt")
+    argv = ["--images", *data["images"], "--labels", *data["labels"], "--patch_shape", "128", "128",
+            "--configuration", "gtx1080", "--save_root", str(tmp_path), "--num_workers", "0"]
+    peft = ["--peft_method", "lora", "--peft_rank", "4", "--peft_layers", "10", "11", "--peft_update_matrices", "q",
+            "k", "v"]
+    assert training_module.main(argv + peft + ["--quiet"]) == 0
+    kwargs = calls.pop()
+    assert kwargs["model_type"] == "vit_b" and kwargs["n_objects_per_batch"] == 10
+    assert kwargs["freeze"] is None  # the GTX1080Ti row freezes the image encoder: PEFT trains part of it
+    assert kwargs["peft_kwargs"] == {"peft_module": "lora", "rank": 4, "attention_layers_to_update": [10, 11],
+                                     "update_matrices": ["q", "k", "v"]}
+    assert kwargs["train_loader"].batch_size == 1 and kwargs["pbar_signals"] is not None
+    assert "micro_sam.train:" not in capsys.readouterr().out
+    assert training_module.main(argv) == 0
+    kwargs = calls.pop()
+    assert kwargs["freeze"] == ["image_encoder"] and kwargs["peft_kwargs"] is None and "pbar_signals" not in kwargs
+    assert "training SAM and the decoder from vit_b with the 'gtx1080' configuration" in capsys.readouterr().out
