@@ -200,12 +200,22 @@ def _load_strictly(sam, model_state, checkpoint_path, peft_kwargs) -> None:
 
 
 def _load_flexibly(sam, model_state, checkpoint_path) -> None:
-    """Load the parameters that fit (position tables resized to another input size); warn about the rest."""
+    """Load the parameters that fit (position tables resized to another input size); warn about the rest.
+
+    The weights of a plain checkpoint go into the layers that PEFT modules wrap (``qkv.weight`` ->
+    ``qkv.qkv_proj.weight``), so that a PEFT model built for training starts from the pretrained weights.
+    """
     import warnings
 
+    from .models._peft_layout import unwrapped_key
     from .models.build_sam import resize_position_tables
 
     own = sam.state_dict()
+    model_state = dict(model_state)
+    for key in own:
+        plain = unwrapped_key(key)
+        if key not in model_state and plain != key and plain in model_state:
+            model_state[key] = model_state[plain]
     model_state = resize_position_tables(model_state, own)
     fitting = {k: v for k, v in model_state.items() if k in own and own[k].shape == v.shape}
     mismatched = sorted(k for k in model_state if k in own and own[k].shape != model_state[k].shape)

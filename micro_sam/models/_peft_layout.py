@@ -21,7 +21,10 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-__all__ = ["QKVLayout", "transformer_blocks", "qkv_layout", "mlp_parts", "infer_peft_kwargs", "quantize_linear_layers"]
+__all__ = [
+    "QKVLayout", "transformer_blocks", "qkv_layout", "mlp_parts", "infer_peft_kwargs", "quantize_linear_layers",
+    "unwrapped_key",
+]
 
 
 def transformer_blocks(encoder: nn.Module) -> List[nn.Module]:
@@ -103,6 +106,17 @@ def mlp_parts(mlp: nn.Module) -> Tuple[nn.Module, nn.Module, Optional[nn.Module]
     if hasattr(mlp, "fc1") and hasattr(mlp, "fc2"):
         return mlp.fc1, mlp.fc2, getattr(mlp, "norm", None), getattr(mlp, "drop", None)
     raise ValueError(f"Cannot apply PEFT to the MLP {type(mlp).__name__}: expected 'lin1'/'lin2' or 'fc1'/'fc2'.")
+
+
+# The attributes under which PEFT modules hold the layers they wrap (AttentionLoRA / FacT, MLPLoRA, AdaptFormer,
+# ScaleShiftLayer).
+_WRAPPED = re.compile(r"\.(?:qkv_proj|mlp_layer|mlp_proj|layer)(?=\.)")
+
+
+def unwrapped_key(key: str) -> str:
+    """The name a parameter of a PEFT-wrapped model has in the unwrapped model, e.g.
+    ``...attn.qkv.qkv_proj.weight`` -> ``...attn.qkv.weight`` (unchanged for names outside wrapped layers)."""
+    return _WRAPPED.sub("", key)
 
 
 _BLOCK_KEY = re.compile(r"^(?:sam\.)?image_encoder\.(?:blocks\.(\d+)|layers\.(\d+)\.blocks\.(\d+))\.(.*)$")

@@ -368,3 +368,17 @@ def test_peft_settings_are_read_back_from_parameter_names(family, kwargs):
     assert infer_peft_kwargs(state) == kwargs
     assert infer_peft_kwargs({f"sam.{k}": v for k, v in state.items()}) == kwargs
     assert infer_peft_kwargs(BUILDERS[family]().state_dict()) is None
+
+
+def test_unwrapped_keys_name_the_plain_models_parameters():
+    from micro_sam.models._peft_layout import unwrapped_key
+
+    for family in ("vit", "vit_t"):
+        plain = set(BUILDERS[family]().state_dict())
+        for kwargs in ({"rank": 2, "update_matrices": ["q", "mlp"]}, {"peft_module": "ssf"},
+                       {"peft_module": "adaptformer"}, {"peft_module": "fact", "rank": 2}):
+            wrapped = PEFT_Sam(BUILDERS[family](), **kwargs).sam.state_dict()
+            new = {k for k in wrapped if unwrapped_key(k) not in plain}
+            assert {unwrapped_key(k) for k in wrapped} - {unwrapped_key(k) for k in new} == plain, kwargs
+            assert all(any(part in k for part in ("w_a_", "w_b_", "FacT", "scale", "shift", "down_proj", "up_proj",
+                                                    "alpha")) for k in new), kwargs

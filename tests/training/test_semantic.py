@@ -192,6 +192,9 @@ def test_simple_sam_3d_from_vit_t_checkpoint_with_lora(vit_t_checkpoint):
     reference = torch.load(vit_t_checkpoint, weights_only=True)
     assert torch.equal(model.sam.image_encoder.patch_embed.seq[0].c.weight,
                        reference["image_encoder.patch_embed.seq.0.c.weight"])
+    # the pretrained projections went into the layers that LoRA wraps (micro_sam leaves them at random values)
+    assert torch.equal(model.sam.image_encoder.layers[1].blocks[0].attn.qkv.qkv_proj.weight,
+                       reference["image_encoder.layers.1.blocks.0.attn.qkv.weight"])
     frozen = get_simple_sam_3d_model("cpu", n_classes=2, image_size=256, freeze_encoder=True, model_type="vit_t",
                                      checkpoint_path=vit_t_checkpoint)
     assert not any(p.requires_grad for p in frozen.sam.image_encoder.parameters())
@@ -209,3 +212,30 @@ def test_simple_sam_3d_trains_with_the_semantic_trainer(tmp_path):
     assert masks.shape == (1, 3, 2, 128, 128)
     before, after, _ = _fit_and_losses(tmp_path, model, x, y, 3, iterations=2, lr=3e-3)
     assert after < before
+
+
+@pytest.mark.slow
+def test_get_sam_3d_model_from_a_vit_b_checkpoint(tmp_path):
+    """vit_b weights (random) for a 256 x 256, 3-class 3D model with LoRA: position tables resized, the rest loaded."""
+    from micro_sam.models.build_sam import build_sam_vit_b
+
+    torch.manual_seed(0)
+    base = build_sam_vit_b()
+    with torch.no_grad():
+        base.image_encoder.pos_embed.normal_()
+    path = tmp_path / "vit_b.pt"
+    torch.save(base.state_dict(), path)
+    with pytest.warns(UserWarning, match="do not fit the model and keep their initial values"):
+        model = get_sam_3d_model("cpu", n_classes=3, image_size=256, lora_rank=2, checkpoint_path=path)
+    encoder = model.sam_model.image_encoder.image_encoder
+    assert encoder.pos_embed.shape == (1, 16, 16, 768)
+    expected = torch.nn.functional.interpolate(base.image_encoder.pos_embed.permute(0, 3, 1, 2), size=(16, 16),
+                                               mode="bicubic", align_corners=False).permute(0, 2, 3, 1)
+    assert torch.allclose(encoder.pos_embed, expected, atol=1e-6)
+    block = encoder.blocks[0].block
+    assert torch.equal(block.attn.qkv.qkv_proj.weight, base.image_encoder.blocks[0].attn.qkv.weight)
+    assert block.attn.qkv.w_a_linear_q.weight.requires_grad and not block.attn.qkv.qkv_proj.weight.requires_grad
+    x, _ = _volume(depth=2, size=256)
+    with torch.no_grad():
+        out = model([{"image": x[0], "original_size": (256, 256)}], multimask_output=True)[0]
+    assert out["masks"].shape == (1, 3, 2, 256, 256)
