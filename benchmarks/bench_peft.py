@@ -15,7 +15,7 @@ evaluated by the point-prompt IoU (:func:`micro_sam.evaluation.point_prompts.poi
 object's interior-most pixel, best of three masks) on the test images, after exporting the model and loading it
 back with ``get_sam_model(..., peft_kwargs=...)``.
 
-    nice python benchmarks/bench_peft.py speed --iterations 2 --warmup 1
+    nice python benchmarks/bench_peft.py speed --iterations 2 --warmup 1 [--gradient-checkpointing]
     nice python benchmarks/bench_peft.py quality --iterations 40
 """
 import argparse
@@ -85,6 +85,7 @@ def _speed_worker(args, method):
             box_distortion_factor=0.025, strict_decoder_loading=True, low_res_loss=True, **METHODS[method],
         )
         trainer.logger_class = None
+        trainer.model.gradient_checkpointing = args.gradient_checkpointing
         trainer._initialize(n_total, None)
         recorder = _Recorder()
         start = (time.perf_counter(), time.process_time())
@@ -99,7 +100,7 @@ def _speed(args):
     from bench_training import _prepare
 
     print(f"{args.model_type}, batch 1, patch {args.patch}x{args.patch}, {args.objects} objects, n_sub_iteration 8, "
-          f"UNETR decoder: {args.decoder}, {args.iterations} timed + {args.warmup} warm-up iterations, "
+          f"UNETR decoder: {args.decoder}, gradient checkpointing: {args.gradient_checkpointing}, {args.iterations} timed + {args.warmup} warm-up iterations, "
           f"torch threads: {args.threads or 'default'}; load average {os.getloadavg()[0]:.1f}")
     print(f"{'method':<16} {'s/iteration':>12} {'CPU s/it':>9} {'peak MB':>8} {'trainable':>10}")
     with tempfile.TemporaryDirectory() as data_dir:
@@ -191,8 +192,9 @@ def _run_worker(args, mode, method):
         value = getattr(args, name, None)
         if value is not None:
             command += [f"--{name.replace('_', '-')}" if name != "data" else "--_data", str(value)]
-    if getattr(args, "decoder", False):
-        command.append("--decoder")
+    for flag in ("decoder", "gradient_checkpointing"):
+        if getattr(args, flag, False):
+            command.append(f"--{flag.replace('_', '-')}")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE, os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
     result = subprocess.run(command, capture_output=True, text=True, env=env)
     lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
@@ -211,6 +213,8 @@ def main():
     parser.add_argument("--patch", type=int, default=512, help="speed: patch size.")
     parser.add_argument("--objects", type=int, default=10, help="Objects per image.")
     parser.add_argument("--decoder", action="store_true", help="speed: also train the UNETR decoder.")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="speed: recompute the encoder's activations in the backward pass (TrainableSAM).")
     parser.add_argument("--n-train", type=int, default=16, help="quality: training images.")
     parser.add_argument("--n-test", type=int, default=4, help="quality: held-out test images.")
     parser.add_argument("--lr", type=float, default=1e-4, help="quality: learning rate (all methods).")
