@@ -31,7 +31,14 @@ _STRICT_KEYS = ("data_signature", "tile_shape", "halo", "model_type", "model_has
 
 # --- progress bars ---------------------------------------------------------------------------------------
 def handle_pbar(verbose: bool, pbar_init: Optional[Callable], pbar_update: Optional[Callable]):
-    """Return (pbar, init, update, close) callbacks: tqdm when verbose, the caller's callbacks, or no-ops."""
+    """Progress callbacks for a function that does long work.
+
+    Returns ``(pbar, init, update, close)``: with ``verbose=False`` no-ops; with the caller's ``pbar_init`` and
+    ``pbar_update`` those (``close`` a no-op); otherwise ``init(total, description)`` opens a named bar
+    (:func:`micro_sam._progress.progress_bar`: tqdm on a terminal, plain lines in logs), ``update(n)`` advances
+    it and ``close()`` closes it. No bar is shown before ``init`` is called; ``pbar`` is None (kept for
+    micro_sam's signature).
+    """
 
     def noop(*args, **kwargs):
         return None
@@ -42,15 +49,23 @@ def handle_pbar(verbose: bool, pbar_init: Optional[Callable], pbar_update: Optio
         if pbar_update is None:
             raise ValueError("pbar_init was given without pbar_update; pass both callbacks or neither.")
         return None, pbar_init, pbar_update, noop
-    from tqdm import tqdm
+    from ._progress import progress_bar
 
-    pbar = tqdm(total=0)
+    bars = []
 
     def init(total, description):
-        pbar.reset(total=total)
-        pbar.set_description(description)
+        close()
+        bars.append(progress_bar(total, description))
 
-    return pbar, init, pbar.update, pbar.close
+    def update(n=1):
+        if bars:
+            bars[-1].update(n)
+
+    def close():
+        while bars:
+            bars.pop().close()
+
+    return None, init, update, close
 
 
 # --- the encoder -----------------------------------------------------------------------------------------
@@ -66,12 +81,13 @@ def encode_images(predictor, images: Sequence[np.ndarray]):
     """
     import torch
 
+    from ._segment_anything import resize_longest_side
     from .models.precision import encoder_precision
 
     sam = predictor.model
     tensors, original_sizes, input_sizes = [], [], []
     for image in images:
-        resized = predictor.transform.apply_image(image)
+        resized = resize_longest_side(image, predictor.transform.target_length)  # = transform.apply_image
         tensor = torch.as_tensor(resized, device=predictor.device).permute(2, 0, 1).contiguous()[None]
         original_sizes.append(tuple(image.shape[:2]))
         input_sizes.append(tuple(tensor.shape[-2:]))
@@ -142,8 +158,48 @@ def _create_array(group, name: str, shape, chunks):
 
 
 def _is_computed(array, index=None) -> bool:
-    data = array[index] if index is not None else array[...]
+    """Whether a cached slice / tile holds embeddings (False also for a chunk that cannot be read)."""
+    try:
+        data = array[index] if index is not None else array[...]
+    except Exception:  # noqa: BLE001 - a damaged chunk (zarr/numcodecs raise RuntimeError, ValueError, ...)
+        return False
     return bool(np.any(data))
+
+
+def _cache_location(array) -> str:
+    """'<cache folder>' of a zarr array, for messages (the array's own path if the store has no root)."""
+    root = getattr(getattr(array, "store", None), "root", None)
+    return repr(os.fspath(root)) if root is not None else repr(getattr(array, "name", "the embeddings"))
+
+
+def _damaged_cache_message(array, where: str, error) -> str:
+    return (f"The embedding cache {_cache_location(array)} is damaged: {where} cannot be read ({error}); a full "
+            "disk or an interrupted copy leaves caches like this. Delete the cache folder (or pass another "
+            "embedding path) and run again to recompute it.")
+
+
+def _read_complete(f, lazy_loading: bool):
+    """The features of a complete 2D / 3D cache, or None (with a warning) if part of it is damaged or missing.
+
+    A damaged chunk cannot be decompressed; a missing chunk reads as zeros, which an encoder never outputs.
+    """
+    import warnings
+
+    features = f["features"]
+    if lazy_loading:
+        return features
+    try:
+        data = features[...]
+        missing = [z for z in range(data.shape[0]) if not data[z].any()] if data.ndim == 5 else \
+            ([0] if not data.any() else [])
+        problem = f"the embeddings of slice(s) {missing} are missing" if missing else None
+    except Exception as error:  # noqa: BLE001 - decompression / decoding errors of a damaged chunk
+        data, problem = None, f"a chunk cannot be read ({error})"
+    if problem is None:
+        return data
+    warnings.warn(f"The embedding cache {_cache_location(f)} is damaged ({problem}); the affected embeddings "
+                  "are computed again and the cache is repaired.", stacklevel=4)
+    return None
 
 
 def _tiles_in_mask(mask, shape, tile_shape, halo, z=None) -> List[int]:
@@ -162,9 +218,10 @@ def _batches(items: Sequence, batch_size: int):
 
 def _compute_2d(predictor, input_, f, persistent, pbar_init, pbar_update):
     if persistent and "input_size" in f.attrs:
-        features = f["features"][...]
-        return {"features": features, "input_size": tuple(f.attrs["input_size"]),
-                "original_size": tuple(f.attrs["original_size"])}
+        features = _read_complete(f, lazy_loading=False)
+        if features is not None:
+            return {"features": features, "input_size": tuple(f.attrs["input_size"]),
+                    "original_size": tuple(f.attrs["original_size"])}
     pbar_init(1, "Compute Image Embeddings 2D")
     features, original_sizes, input_sizes = encode_images(predictor, [to_image(input_)])
     features = features.cpu().numpy()
@@ -179,9 +236,10 @@ def _compute_2d(predictor, input_, f, persistent, pbar_init, pbar_update):
 def _compute_3d(predictor, input_, f, persistent, lazy_loading, batch_size, pbar_init, pbar_update):
     n_slices = input_.shape[0]
     if persistent and "input_size" in f.attrs:
-        features = f["features"] if lazy_loading else f["features"][...]
-        return {"features": features, "input_size": tuple(f.attrs["input_size"]),
-                "original_size": tuple(f.attrs["original_size"])}
+        features = _read_complete(f, lazy_loading)
+        if features is not None:
+            return {"features": features, "input_size": tuple(f.attrs["input_size"]),
+                    "original_size": tuple(f.attrs["original_size"])}
     grid = int(predictor.model.image_encoder.img_size) // 16  # 64 for SAM's 1024 input
     shape, chunks = (n_slices, 1, 256, grid, grid), (1, 1, 256, grid, grid)
     if persistent:
@@ -365,11 +423,17 @@ def set_precomputed(predictor, image_embeddings: ImageEmbeddings, i: Optional[in
             raise ValueError(f"The embeddings are 3D ({features.shape[0]} slices): pass the slice index i.")
         if not 0 <= int(i) < features.shape[0]:
             raise ValueError(f"Slice index i={i} is out of range for embeddings of {features.shape[0]} slices.")
-        data = features[int(i)]
+    elif i is not None:
+        raise ValueError(f"The embeddings are 2D; the slice index i={i} must be None.")
+    if torch.is_tensor(features):
+        data = features[int(i)] if ndim == 5 else features
     else:
-        if i is not None:
-            raise ValueError(f"The embeddings are 2D; the slice index i={i} must be None.")
-        data = features[...] if not torch.is_tensor(features) else features
+        try:
+            data = features[int(i)] if ndim == 5 else features[...]
+        except Exception as error:  # noqa: BLE001 - a damaged chunk of a zarr cache (decompression error)
+            where = ("the embeddings" + (f" of slice {i}" if ndim == 5 else "")
+                     + ("" if tile_id is None else f" of tile {tile_id}"))
+            raise RuntimeError(_damaged_cache_message(features, where, error)) from None
     data = data if torch.is_tensor(data) else torch.from_numpy(np.asarray(data))
     if ndim == 5 and not data.any():
         where = "" if tile_id is None else f", tile {tile_id}"

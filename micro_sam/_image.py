@@ -66,7 +66,7 @@ def to_image(image) -> np.ndarray:
         elif n_channels == 2:
             image = np.concatenate([image, np.zeros_like(image[..., :1])], axis=-1)
         elif n_channels > 3:
-            warnings.warn(f"The image has {n_channels} channels; only the first three are used.")
+            warnings.warn(f"The image has {n_channels} channels (RGBA?); only the first three are used.", stacklevel=2)
             image = image[..., :3]
     else:
         raise ValueError(f"Expect a 2D image of shape (Y, X) or (Y, X, C), got shape {image.shape}.")

@@ -57,13 +57,31 @@ def get_model_names() -> list:
     return [name for name in registry() if not name.endswith("_decoder")]
 
 
+_FAMILIES = {"": "Segment Anything", "lm": "light microscopy", "em_organelles": "electron microscopy",
+             "histopathology": "histopathology", "medical_imaging": "medical imaging", "demo": "bundled, offline"}
+
+
+def describe_model_names() -> str:
+    """The registered model names grouped by family, on one line (for error messages)."""
+    groups: Dict[str, list] = {}
+    for name in get_model_names():
+        suffix = name[6:] if len(name) > 5 else ""
+        groups.setdefault(_FAMILIES.get(suffix, suffix.replace("_", " ")), []).append(name)
+    return "; ".join(f"{family}: {', '.join(sorted(names))}" for family, names in groups.items())
+
+
 def get_entry(model_type: str) -> ModelEntry:
-    """Look up a model by name; an unknown name is a ValueError listing the valid ones."""
+    """Look up a model by name; an unknown name is a ValueError listing the valid ones by family."""
     entries = registry()
     if model_type not in entries or model_type.endswith("_decoder"):
+        from difflib import get_close_matches
+
+        close = get_close_matches(str(model_type), get_model_names(), n=1)
+        hint = f"Did you mean {close[0]!r}? " if close else ""
         raise ValueError(
-            f"Unknown model_type {model_type!r}. Valid model types are: {', '.join(get_model_names())}. "
-            "To load your own weights, pass checkpoint_path together with one of these architectures."
+            f"Unknown model_type {model_type!r}. {hint}Registered models ({describe_model_names()}); the list is "
+            "micro_sam.util.get_model_names(). For your own weights pass checkpoint_path (-c) with the "
+            "architecture (vit_t, vit_b, vit_l or vit_h)."
         )
     return entries[model_type]
 

@@ -84,19 +84,20 @@ def get_sam_model(
     see :mod:`micro_sam.models.precision`. The ViT encoders always get the faster, equivalent attention of
     :func:`micro_sam.models.fast_attention.optimize_sam`.
     """
+    from . import _checkpoints, _segment_anything  # noqa: F401  (segment_anything without torchvision)
+
     sam_kwargs = _check_model_kwargs(model_kwargs)
     peft_kwargs = _check_peft_kwargs(peft_kwargs, model_type)
     from segment_anything import SamPredictor
-
-    from . import _checkpoints
     from .models.build_sam import sam_model_registry, skip_weight_init
     from .models.fast_attention import optimize_sam
     from .models.precision import resolve_precision, set_precision
 
     if not isinstance(model_type, str) or model_type[:5] not in _registry._ARCHITECTURES:
         raise ValueError(
-            f"Invalid model_type {model_type!r}: it must start with one of {_registry._ARCHITECTURES}. "
-            f"Registered models: {', '.join(_registry.get_model_names())}."
+            f"Invalid model_type {model_type!r}: it must start with one of {', '.join(_registry._ARCHITECTURES)}. "
+            f"Registered models ({_registry.describe_model_names()}); the list is "
+            "micro_sam.util.get_model_names()."
         )
     device = get_device(device)
     resolve_precision(precision, device)  # fail before loading anything

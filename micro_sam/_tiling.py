@@ -1,4 +1,4 @@
-"""Tile and halo geometry, shared by embeddings, prompts, AMG and AIS.
+"""Tile and halo geometry, shared by embeddings, prompts, AMG and AIS (2D) and the blockwise dask layer (nD).
 
 Tiles cover the image in C order (row-major over the tile grid). Tile ``i`` owns the *inner* block
 ``[begin, min(begin + tile_shape, shape))``; its embedding is computed on the *outer* block, the inner
@@ -15,22 +15,24 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Tile:
-    """One tile. Slices are in (y, x) order; ``local`` locates the inner block inside the outer block."""
+    """One tile. Slices are in (y, x) order (one per axis, (z, y, x) for 3D blocks); ``local`` locates the
+    inner block inside the outer block."""
 
     tile_id: int
-    inner: Tuple[slice, slice]
-    outer: Tuple[slice, slice]
+    inner: Tuple[slice, ...]
+    outer: Tuple[slice, ...]
 
     @property
-    def local(self) -> Tuple[slice, slice]:
+    def local(self) -> Tuple[slice, ...]:
+        """The inner block in coordinates of the outer block."""
         return tuple(
             slice(i.start - o.start, i.stop - o.start) for i, o in zip(self.inner, self.outer)
         )
 
     @property
-    def offset(self) -> Tuple[int, int]:
-        """Position (y, x) of the outer block's top-left pixel in the full image."""
-        return (self.outer[0].start, self.outer[1].start)
+    def offset(self) -> Tuple[int, ...]:
+        """Position ((z,) y, x) of the outer block's first pixel in the full image."""
+        return tuple(o.start for o in self.outer)
 
 
 def validate_tiling(shape: Sequence[int], tile_shape, halo) -> Tuple[Tuple[int, int], Tuple[int, int]]:
@@ -55,25 +57,27 @@ def validate_tiling(shape: Sequence[int], tile_shape, halo) -> Tuple[Tuple[int, 
     return tile_shape, halo
 
 
-def grid_shape(shape: Sequence[int], tile_shape: Sequence[int]) -> Tuple[int, int]:
-    """Number of tiles along (y, x)."""
-    return tuple(int(np.ceil(s / t)) for s, t in zip(shape[:2], tile_shape))
+def grid_shape(shape: Sequence[int], tile_shape: Sequence[int]) -> Tuple[int, ...]:
+    """Number of tiles along each axis of ``tile_shape`` ((y, x) for 2D tiles; trailing channels ignored)."""
+    return tuple(int(np.ceil(s / t)) for s, t in zip(shape[:len(tile_shape)], tile_shape))
 
 
 def n_tiles(shape: Sequence[int], tile_shape: Sequence[int]) -> int:
-    ny, nx = grid_shape(shape, tile_shape)
-    return ny * nx
+    """Number of tiles (or blocks) covering ``shape``."""
+    return int(np.prod(grid_shape(shape, tile_shape)))
 
 
 def get_tile(tile_id: int, shape: Sequence[int], tile_shape: Sequence[int], halo: Sequence[int]) -> Tile:
-    """The geometry of tile ``tile_id`` for a 2D image of ``shape``."""
-    ny, nx = grid_shape(shape, tile_shape)
-    if not 0 <= tile_id < ny * nx:
-        raise ValueError(f"tile_id {tile_id} is out of range for {ny * nx} tiles.")
-    grid_pos = (tile_id // nx, tile_id % nx)
+    """The geometry of tile ``tile_id`` for an image of ``shape`` (2D tiles, or nD blocks: one entry of
+    ``tile_shape`` and ``halo`` per blocked axis; further axes of ``shape``, e.g. channels, are ignored)."""
+    grid = grid_shape(shape, tile_shape)
+    n = int(np.prod(grid))
+    if not 0 <= tile_id < n:
+        raise ValueError(f"tile_id {tile_id} is out of range for {n} tiles.")
+    grid_pos = np.unravel_index(tile_id, grid)
     inner, outer = [], []
-    for pos, size, tile, h in zip(grid_pos, shape[:2], tile_shape, halo):
-        begin, end = pos * tile, min((pos + 1) * tile, size)
+    for pos, size, tile, h in zip(grid_pos, shape[:len(tile_shape)], tile_shape, halo):
+        begin, end = int(pos) * tile, min((int(pos) + 1) * tile, size)
         inner.append(slice(begin, end))
         outer.append(slice(max(begin - h, 0), min(end + h, size)))
     return Tile(tile_id, tuple(inner), tuple(outer))

@@ -17,21 +17,25 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
-from . import util
-from .instance_segmentation import (
-    DEFAULT_SEGMENTATION_MODE_WITH_DECODER, AMGBase, AutomaticMaskGenerator, AutomaticPromptGenerator,
-    InstanceSegmentationWithDecoder, TiledAutomaticMaskGenerator, TiledAutomaticPromptGenerator,
-    TiledInstanceSegmentationWithDecoder, get_decoder, get_instance_segmentation_generator,
-)
+from . import _cli, util
+
+if TYPE_CHECKING:  # the segmenter classes import torch: imported where used, so that --help is fast
+    from .instance_segmentation import AMGBase, InstanceSegmentationWithDecoder
 
 __all__ = ["get_predictor_and_segmenter", "automatic_instance_segmentation", "automatic_tracking", "main"]
 
+_PROG = "micro_sam.automatic_segmentation"
 _IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
-_TILED_CLASSES = (TiledAutomaticMaskGenerator, TiledInstanceSegmentationWithDecoder)  # (APG: a subclass)
+
+
+def _is_tiled(segmenter) -> bool:
+    from .instance_segmentation import TiledAutomaticMaskGenerator, TiledInstanceSegmentationWithDecoder
+
+    return isinstance(segmenter, (TiledAutomaticMaskGenerator, TiledInstanceSegmentationWithDecoder))  # APG: subclass
 
 
 # --- model and segmenter ------------------------------------------------------------------------------------
@@ -64,6 +68,10 @@ def get_predictor_and_segmenter(
     Raises:
         ValueError: AIS requested for a model without decoder, an unknown mode, or ``predictor`` without ``state``.
     """
+    from .instance_segmentation import (
+        DEFAULT_SEGMENTATION_MODE_WITH_DECODER, get_decoder, get_instance_segmentation_generator,
+    )
+
     if predictor is None:
         device = util.get_device(device)
         predictor, state = util.get_sam_model(model_type=model_type, device=device, checkpoint_path=checkpoint,
@@ -143,7 +151,7 @@ def _load(input_, key, name):
 
 
 def _check_tiling(segmenter, tile_shape, halo) -> None:
-    tiled = isinstance(segmenter, _TILED_CLASSES)
+    tiled = _is_tiled(segmenter)
     if tile_shape is not None and not tiled:
         raise ValueError("tile_shape was given, but the segmenter is not tiled; create it with is_tiled=True "
                          "(get_predictor_and_segmenter(..., is_tiled=True)).")
@@ -217,6 +225,8 @@ def automatic_instance_segmentation(
 
     from ._image import infer_ndim, validate_array
 
+    if output_tif is not None:
+        _cli.check_writable(output_tif, "output")  # fail now, not after the segmentation
     image = _load(input_path, key, "input_path")
     validate_array(image, "input")
     ndim = infer_ndim(image, ndim)
@@ -229,7 +239,7 @@ def automatic_instance_segmentation(
             verbose=verbose, batch_size=batch_size, mask=mask,
         )
         init_kwargs = dict(image=image, image_embeddings=image_embeddings, verbose=verbose)
-        if isinstance(segmenter, _TILED_CLASSES):
+        if _is_tiled(segmenter):
             init_kwargs.update(batch_size=batch_size, mask=mask)
         elif mask is not None:
             raise ValueError("mask_path is only supported with tiling (tile_shape / is_tiled=True).")
@@ -245,12 +255,20 @@ def automatic_instance_segmentation(
         )
     if not isinstance(instances, np.ndarray):
         raise ValueError("automatic_instance_segmentation needs the label image output; do not pass output_mode.")
+    instances = _as_uint32(instances)
 
     if output_tif is not None:
         _write_labels(output_tif, instances)
         if verbose:
             print(f"The segmentation was written to {os.path.abspath(output_tif)!r}.")
     return (instances, image_embeddings) if return_embeddings else instances
+
+
+def _as_uint32(labels: np.ndarray) -> np.ndarray:
+    """Label images are uint32 in 2D and 3D (uint64 is kept only if the ids do not fit)."""
+    if labels.dtype == np.uint32 or (labels.size and int(labels.max()) > np.iinfo(np.uint32).max):
+        return labels
+    return labels.astype(np.uint32)
 
 
 def _automatic_3d_segmentation(**kwargs):
@@ -345,13 +363,13 @@ def _collect_inputs(paths: List[str], pattern: Optional[str]) -> List[str]:
                 found = sorted(os.path.join(path, name) for name in os.listdir(path)
                                if name.lower().endswith(_IMAGE_SUFFIXES))
             if not found:
-                raise ValueError(f"No input images found in the folder {path!r}"
-                                 + (f" with the pattern {pattern!r}." if pattern else "."))
+                raise _cli.UsageError(f"no input images found in the folder {path!r}"
+                                      + (f" with the pattern {pattern!r}" if pattern else ""))
             inputs.extend(found)
         elif os.path.exists(path):
             inputs.append(path)
         else:
-            raise ValueError(f"The input path {path!r} does not exist.")
+            raise _cli.UsageError(f"the input path {path!r} does not exist")
     return inputs
 
 
@@ -379,14 +397,14 @@ def _parse_extra(arguments: List[str]) -> Dict[str, Any]:
     while i < len(arguments):
         argument = arguments[i]
         if not argument.startswith("--"):
-            raise ValueError(f"Unexpected argument {argument!r}; segmenter parameters are given as --name value.")
+            raise _cli.UsageError(f"unexpected argument {argument!r}; segmenter parameters are given as --name value")
         name = argument[2:]
         if "=" in name:
             name, value = name.split("=", 1)
             i += 1
         else:
             if i + 1 >= len(arguments):
-                raise ValueError(f"The parameter {argument} needs a value.")
+                raise _cli.UsageError(f"the parameter {argument} needs a value")
             value = arguments[i + 1]
             i += 2
         extra[name] = _parse_value(value)
@@ -394,31 +412,58 @@ def _parse_extra(arguments: List[str]) -> Dict[str, Any]:
 
 
 def _parameters(function) -> List[str]:
-    skip = {"self", "predictor", "decoder"}
+    # Not settable as --name value: the objects, the options of their own (--tile_shape, ...) and arrays.
+    skip = {"self", "predictor", "decoder", "tile_shape", "halo", "batch_size", "segmentation", "point_grids",
+            "prompt_function", "n_threads", "optimize_memory"}
     return [name for name, p in inspect.signature(function).parameters.items()
             if name not in skip and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
 
 
 def _segmenter_classes(mode: str, tiled: bool):
+    from . import instance_segmentation as ins
+
     if mode == "amg":
-        return TiledAutomaticMaskGenerator if tiled else AutomaticMaskGenerator
+        return ins.TiledAutomaticMaskGenerator if tiled else ins.AutomaticMaskGenerator
     if mode == "apg":
-        return TiledAutomaticPromptGenerator if tiled else AutomaticPromptGenerator
-    return TiledInstanceSegmentationWithDecoder if tiled else InstanceSegmentationWithDecoder
+        return ins.TiledAutomaticPromptGenerator if tiled else ins.AutomaticPromptGenerator
+    return ins.TiledInstanceSegmentationWithDecoder if tiled else ins.InstanceSegmentationWithDecoder
 
 
 _VOLUME_PARAMETERS = ("gap_closing", "min_z_extent", "with_background", "min_time_extent")
 
 
-def _split_extra(extra: Dict[str, Any], segmenter_class) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+def _names(segmenter_class) -> Tuple[set, set]:
+    """The parameter names of a segmenter class's ``__init__`` and of its ``generate`` (with the 3D merge's)."""
     init_names = set(_parameters(segmenter_class.__init__))
     generate_names = set(_parameters(segmenter_class.generate)) | set(_VOLUME_PARAMETERS)
     generate_names.discard("output_mode")
+    return init_names, generate_names
+
+
+def _check_extra_names(extra: Dict[str, Any], modes: List[str], tiled: bool) -> None:
+    """Reject parameters that no segmenter of the given modes accepts (checked before the model is loaded)."""
+    valid = set()
+    for mode in modes:
+        valid.update(*_names(_segmenter_classes(mode, tiled)))
+    unknown = sorted(set(extra) - valid)
+    if unknown:
+        from difflib import get_close_matches
+
+        close = get_close_matches(unknown[0], valid, n=1)
+        hint = f" (did you mean --{close[0]}?)" if close else ""
+        raise _cli.UsageError(
+            f"unknown parameter(s) {', '.join('--' + u for u in unknown)}{hint} for mode {'/'.join(modes)}; "
+            f"valid: {', '.join('--' + n for n in sorted(valid))}"
+        )
+
+
+def _split_extra(extra: Dict[str, Any], segmenter_class) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    init_names, generate_names = _names(segmenter_class)
     unknown = sorted(set(extra) - init_names - generate_names)
     if unknown:
-        raise ValueError(
-            f"Unknown parameter(s) {', '.join('--' + u for u in unknown)} for {segmenter_class.__name__}; "
-            f"valid: {', '.join('--' + n for n in sorted(init_names | generate_names))}."
+        raise _cli.UsageError(
+            f"unknown parameter(s) {', '.join('--' + u for u in unknown)} for {segmenter_class.__name__}; "
+            f"valid: {', '.join('--' + n for n in sorted(init_names | generate_names))}"
         )
     init = {k: v for k, v in extra.items() if k in init_names}
     generate = {k: v for k, v in extra.items() if k not in init_names}
@@ -428,23 +473,27 @@ def _split_extra(extra: Dict[str, Any], segmenter_class) -> Tuple[Dict[str, Any]
 def _build_parser():
     import argparse
 
-    parser = argparse.ArgumentParser(
-        prog="micro_sam.automatic_segmentation",
+    parser = _cli.ArgumentParser(
+        prog=_PROG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=(
-            "Segment all objects in images or volumes automatically and write label images (zlib-compressed tif).\n\n"
+            "Segment all objects in images or volumes automatically and write label images (zlib-compressed tif,\n"
+            "uint32, 0 = background).\n\n"
             "Modes: AIS (instance segmentation with the decoder of models such as vit_b_lm), APG (SAM prompted "
             "with points derived from the decoder) or AMG (SAM's automatic mask generation with a point grid; "
             "for models without a decoder).\n"
-            "Existing outputs are skipped (with a message) unless --overwrite is given; results are written to a "
-            "temporary file first and renamed when complete.\n\n"
+            "Inputs, the model name and the output folders are checked before the model is loaded. Existing "
+            "outputs are skipped (with a message) unless --overwrite is given; results are written to a "
+            "temporary file first and renamed when complete. Progress is shown per slice / tile (plain lines "
+            "when the output is not a terminal); --quiet shows only results and errors.\n\n"
             "Further segmenter parameters can be added as --name value, e.g.\n"
             "  AIS: --center_distance_threshold 0.5 --boundary_distance_threshold 0.5 --foreground_threshold 0.5\n"
             "       --foreground_smoothing 1.0 --distance_smoothing 1.6 --min_size 0\n"
             "  APG: --min_size 25 --nms_threshold 0.9 --multimasking true --refine_with_box_prompts true\n"
             "  AMG: --points_per_side 32 --points_per_batch 64 --pred_iou_thresh 0.88 --stability_score_thresh 0.95\n"
             "       --box_nms_thresh 0.7 --min_mask_region_area 0 --with_background true\n"
-            "  volumes: --gap_closing N --min_z_extent N (3D merge of the per-slice segmentations)"
+            "  volumes: --gap_closing N --min_z_extent N (3D merge of the per-slice segmentations)\n\n"
+            "Exit status: 0 done, 1 the segmentation of an input failed, 2 invalid arguments or inputs."
         ),
     )
     parser.add_argument("-i", "--input_path", required=True, nargs="+",
@@ -452,15 +501,16 @@ def _build_parser():
                              "(all images in them, or those matching --pattern).")
     parser.add_argument("-o", "--output_path", required=True,
                         help="Output tif for a single input; otherwise (or if it is an existing folder) the folder "
-                             "for <input name>.tif outputs.")
+                             "for <input name>.tif outputs. Missing folders are created.")
     parser.add_argument("-e", "--embedding_path", default=None,
                         help="Cache the image embeddings here (zarr; a folder of <input name>.zarr for several "
                              "inputs). Cached embeddings are reused.")
     parser.add_argument("--pattern", default=None, help="Glob pattern for the files in input folders, e.g. '*.tif'.")
     parser.add_argument("-k", "--key", default=None, help="Dataset key inside container inputs (zarr, n5, hdf5).")
     parser.add_argument("-m", "--model_type", default=util._DEFAULT_MODEL,
-                        help=f"The model (default: {util._DEFAULT_MODEL}); a registered name or, with --checkpoint, "
-                             "the architecture (vit_t, vit_b, vit_l, vit_h).")
+                        help=f"The model (default: {util._DEFAULT_MODEL}, downloaded on first use; vit_t_demo is "
+                             "bundled); a registered name (see micro_sam.util.get_model_names()) or, with "
+                             "--checkpoint, the architecture (vit_t, vit_b, vit_l, vit_h).")
     parser.add_argument("-c", "--checkpoint", default=None, help="A local model checkpoint to use.")
     parser.add_argument("--mode", default="auto", choices=["auto", "ais", "apg", "amg"],
                         help="Segmentation mode: 'ais' (decoder), 'apg' (SAM prompted with points derived from the "
@@ -483,7 +533,9 @@ def _build_parser():
     parser.add_argument("--tracking", action="store_true",
                         help="Track objects over time instead (time series inputs; needs trackastra). The output "
                              "is a folder in the Cell Tracking Challenge format.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="Show progress bars for each input.")
+    _cli.add_quiet_argument(parser)
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="Accepted for compatibility with micro_sam; progress is shown unless --quiet is given.")
     return parser
 
 
@@ -493,7 +545,7 @@ def _plan_outputs(inputs: List[str], output_path: str, embedding_path: Optional[
     single = len(inputs) == 1 and not os.path.isdir(output_path)
     if not single and len(set(names)) != len(names):
         duplicates = sorted({n for n in names if names.count(n) > 1})
-        raise ValueError(f"Several inputs have the same name {duplicates}; their outputs would collide.")
+        raise _cli.UsageError(f"several inputs have the same name {duplicates}; their outputs would collide")
     plan = []
     for path, name in zip(inputs, names):
         if single:
@@ -506,20 +558,87 @@ def _plan_outputs(inputs: List[str], output_path: str, embedding_path: Optional[
     return plan
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    """Command line entry point ``micro_sam.automatic_segmentation``."""
-    from tqdm import tqdm
+def _check_model_arguments(args) -> None:
+    """The model name / checkpoint and the device, checked without loading anything."""
+    from . import _registry
 
+    if args.checkpoint is None:
+        try:
+            _registry.get_entry(args.model_type)
+        except ValueError as error:  # names the registered models
+            raise _cli.UsageError(str(error)) from None
+    elif not os.path.isfile(args.checkpoint):
+        raise _cli.UsageError(f"the checkpoint {args.checkpoint!r} does not exist")
+    elif args.model_type[:5] not in _registry._ARCHITECTURES:
+        raise _cli.UsageError(f"with --checkpoint, -m must name the architecture (vit_t, vit_b, vit_l or vit_h), "
+                              f"got {args.model_type!r}")
+
+
+def _check_inputs(todo, args, tile_shape, halo) -> Dict[str, Any]:
+    """Read and check every input and check that the outputs can be written, before the model is loaded.
+
+    Returns the loaded data of a single input (to be reused); several inputs are read again when processed.
+    """
+    from . import _tiling
+
+    loaded = {}
+    for path, out, emb in todo:
+        data, ndim = _cli.load_input(path, args.key, None if args.tracking else args.ndim)
+        if args.tracking and (len(data.shape) not in (3, 4) or ndim != 3):
+            raise _cli.UsageError(f"--tracking needs a time series (T, Y, X[, C]); {path!r} has shape "
+                                  f"{tuple(data.shape)}")
+        spatial = tuple(data.shape[1:3]) if ndim == 3 else tuple(data.shape[:2])
+        try:
+            _tiling.validate_tiling(spatial, tile_shape, halo)
+        except ValueError as error:
+            raise _cli.UsageError(f"{path!r}: {error}") from None
+        _cli.check_writable(out, "output")
+        if emb is not None:
+            _cli.check_writable(emb, "embedding cache")
+        if len(todo) == 1:
+            loaded[path] = data
+    return loaded
+
+
+def _load_model(args, extra: Dict[str, Any], tiled: bool, verbose: bool):
+    """Load the model, choose the mode and build the segmenter; returns (predictor, segmenter, mode, generate)."""
+    from .instance_segmentation import DEFAULT_SEGMENTATION_MODE_WITH_DECODER
+
+    if verbose:
+        print(f"Loading the model {args.model_type}" + (f" from {args.checkpoint}" if args.checkpoint else ""),
+              file=sys.stderr, flush=True)
+    predictor, state = util.get_sam_model(model_type=args.model_type, device=util.get_device(args.device),
+                                          checkpoint_path=args.checkpoint, return_state=True)
+    has_decoder = isinstance(state, dict) and state.get("decoder_state") is not None
+    mode = args.mode if args.mode != "auto" else (DEFAULT_SEGMENTATION_MODE_WITH_DECODER if has_decoder else "amg")
+    if mode != "amg" and not has_decoder:
+        raise _cli.UsageError(f"--mode {mode} needs a model with an instance segmentation decoder; "
+                              f"{args.model_type!r} has none (use --mode amg, or a model such as vit_b_lm)")
+    init_kwargs, generate_kwargs = _split_extra(extra, _segmenter_classes(mode, tiled))
+    predictor, segmenter = get_predictor_and_segmenter(
+        model_type=args.model_type, segmentation_mode=mode, is_tiled=tiled, predictor=predictor, state=state,
+        **init_kwargs,
+    )
+    return predictor, segmenter, mode, generate_kwargs
+
+
+def _main(argv: Optional[List[str]]) -> int:
     parser = _build_parser()
     args, unknown = parser.parse_known_args(argv)
-    try:
-        extra = _parse_extra(unknown)
-        if (args.tile_shape is None) != (args.halo is None):
-            raise ValueError("--tile_shape and --halo must be given together.")
-        inputs = _collect_inputs(args.input_path, args.pattern)
-        plan = _plan_outputs(inputs, args.output_path, args.embedding_path, args.tracking)
-    except ValueError as error:
-        parser.error(str(error))
+    verbose = not args.quiet
+    extra = _parse_extra(unknown)
+    if (args.tile_shape is None) != (args.halo is None):
+        raise _cli.UsageError("--tile_shape and --halo must be given together")
+    if args.batch_size < 1:
+        raise _cli.UsageError(f"--batch_size must be at least 1, got {args.batch_size}")
+    tile_shape = None if args.tile_shape is None else tuple(args.tile_shape)
+    halo = None if args.halo is None else tuple(args.halo)
+    plan = _plan_outputs(_collect_inputs(args.input_path, args.pattern), args.output_path, args.embedding_path,
+                         args.tracking)
+    _check_model_arguments(args)
+    if extra:  # (imports torch for the segmenter classes' signatures)
+        modes = ["ais", "apg", "amg"] if args.mode == "auto" else [args.mode]
+        _check_extra_names(extra, modes, tile_shape is not None)
 
     todo = []
     for path, out, emb in plan:
@@ -529,53 +648,53 @@ def main(argv: Optional[List[str]] = None) -> int:
             todo.append((path, out, emb))
     if not todo:
         return 0
+    loaded = _check_inputs(todo, args, tile_shape, halo)
+    _cli.check_device(args.device)
+    predictor, segmenter, mode, generate_kwargs = _load_model(args, extra, tile_shape is not None, verbose)
 
-    try:
-        predictor, state = util.get_sam_model(model_type=args.model_type, device=util.get_device(args.device),
-                                              checkpoint_path=args.checkpoint, return_state=True)
-        has_decoder = isinstance(state, dict) and state.get("decoder_state") is not None
-        mode = args.mode if args.mode != "auto" else (DEFAULT_SEGMENTATION_MODE_WITH_DECODER if has_decoder else "amg")
-        tiled = args.tile_shape is not None
-        init_kwargs, generate_kwargs = _split_extra(extra, _segmenter_classes(mode, tiled))
-        predictor, segmenter = get_predictor_and_segmenter(
-            model_type=args.model_type, segmentation_mode=mode, is_tiled=tiled, predictor=predictor, state=state,
-            **init_kwargs,
-        )
-    except ValueError as error:
-        parser.error(str(error))
-
-    tile_shape = None if args.tile_shape is None else tuple(args.tile_shape)
-    halo = None if args.halo is None else tuple(args.halo)
-    description = "Automatic tracking" if args.tracking else f"Automatic segmentation ({mode.upper()})"
     failed = []
-    for path, out, emb in tqdm(todo, desc=description):
+    for number, (path, out, emb) in enumerate(todo, start=1):
+        if verbose and len(todo) > 1:
+            print(f"[{number}/{len(todo)}] {path}", file=sys.stderr, flush=True)
         if emb is not None:
             Path(emb).parent.mkdir(parents=True, exist_ok=True)
         try:
             if args.tracking:
-                automatic_tracking(predictor, segmenter, path, output_path=os.fspath(out), embedding_path=emb,
-                                   key=args.key, tile_shape=tile_shape, halo=halo, verbose=args.verbose,
-                                   batch_size=args.batch_size, **generate_kwargs)
+                automatic_tracking(predictor, segmenter, loaded.get(path, path), output_path=os.fspath(out),
+                                   embedding_path=emb, key=args.key, tile_shape=tile_shape, halo=halo,
+                                   verbose=verbose, batch_size=args.batch_size, **generate_kwargs)
+                print(f"{path} -> {os.fspath(out)}", flush=True)
                 continue
-            image = util.load_image_data(path, args.key)
+            image = loaded.pop(path) if path in loaded else _cli.load_input(path, args.key, args.ndim)[0]
             labels = automatic_instance_segmentation(
-                predictor, segmenter, image, output_path=out, embedding_path=emb, ndim=args.ndim,
-                tile_shape=tile_shape, halo=halo, verbose=args.verbose, batch_size=args.batch_size,
-                overwrite=True, **generate_kwargs,
+                predictor, segmenter, image, embedding_path=emb, ndim=args.ndim, tile_shape=tile_shape, halo=halo,
+                verbose=verbose, batch_size=args.batch_size, **generate_kwargs,
             )
+            _write_labels(out, labels)
             if args.overlay:
                 from ._image import infer_ndim
 
                 _write_overlay(out.with_name(f"{out.stem}_overlay.png"), image, labels, infer_ndim(image, args.ndim))
-        except ValueError as error:
-            tqdm.write(f"Error for {path!r}: {error}", file=sys.stderr)
+        except (ValueError, _cli.CommandError) as error:
+            print(f"{_PROG}: error: {path}: {_cli.one_line(error)}", file=sys.stderr, flush=True)
             failed.append(path)
             continue
-        tqdm.write(f"{path} -> {os.fspath(out)} ({int(labels.max())} objects)")
+        print(f"{path} -> {os.fspath(out)} ({int(labels.max())} objects, {mode.upper()})", flush=True)
     if failed:
-        print(f"{len(failed)} of {len(todo)} input(s) failed: {', '.join(map(repr, failed))}", file=sys.stderr)
-        return 1
+        raise _cli.CommandError(f"{len(failed)} of {len(todo)} input(s) failed: {', '.join(map(repr, failed))}")
     return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Command line entry point ``micro_sam.automatic_segmentation`` (see ``--help``).
+
+    Args:
+        argv: The arguments; None reads ``sys.argv``.
+
+    Returns:
+        The exit code: 0 done, 1 an input failed, 2 invalid arguments or inputs (one line on stderr).
+    """
+    return _cli.run_main(_main, argv, prog=_PROG)
 
 
 if __name__ == "__main__":

@@ -349,7 +349,7 @@ def merge_instance_segmentation_3d(
         pbar_update: Callback to update an external progress bar, called with the number of steps done.
 
     Returns:
-        The 3D segmentation, shape (Z, H, W), dtype uint64, objects numbered consecutively from 1 in the order
+        The 3D segmentation, shape (Z, H, W), dtype uint32, objects numbered consecutively from 1 in the order
             of their first pixel (slice by slice), 0 = background.
     """
     segmentation = _validate_label_stack(slice_segmentation, "slice_segmentation")
@@ -389,8 +389,9 @@ def merge_instance_segmentation_3d(
         new_ids = np.where(keep, np.cumsum(keep), 0)
         node_ids = new_ids[node_ids]
 
-    node_ids = node_ids.astype("uint64")
-    merged = np.empty(segmentation.shape, dtype="uint64")
+    dtype = "uint32" if (node_ids.max(initial=0) <= np.iinfo(np.uint32).max) else "uint64"  # as the 2D results
+    node_ids = node_ids.astype(dtype)
+    merged = np.empty(segmentation.shape, dtype=dtype)
     for z, labels in enumerate(slice_labels):
         lut = node_ids[offsets[z]:offsets[z + 1]]
         merged[z] = lut[np.searchsorted(labels, segmentation[z])]

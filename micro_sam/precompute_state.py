@@ -12,11 +12,14 @@ import os
 import sys
 from glob import glob
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
-from . import instance_segmentation, util
+from . import util
+
+if TYPE_CHECKING:  # imports torch: imported where used, so that --help is fast
+    from . import instance_segmentation
 
 __all__ = ["cache_amg_state", "cache_is_state", "precompute_state", "main"]
 
@@ -117,6 +120,8 @@ def cache_amg_state(
     Returns:
         The initialized automatic mask generator.
     """
+    from . import instance_segmentation
+
     amg = instance_segmentation.get_instance_segmentation_generator(
         predictor, is_tiled=_is_tiled(image_embeddings), segmentation_mode="amg", **kwargs
     )
@@ -160,6 +165,8 @@ def cache_is_state(
     Returns:
         The initialized segmenter (None with ``skip_load`` for a cached state).
     """
+    from . import instance_segmentation
+
     segmenter = instance_segmentation.get_instance_segmentation_generator(
         predictor, is_tiled=_is_tiled(image_embeddings), decoder=decoder, segmentation_mode="ais", **kwargs
     )
@@ -184,9 +191,8 @@ def cache_is_state(
 
 def _precompute_state_for_file(predictor, input_path, output_path, key, ndim, tile_shape, halo,
                                precompute_amg_state, decoder, verbose):
-    from tqdm import tqdm
-
     from ._image import infer_ndim
+    from ._progress import track
 
     image = input_path if isinstance(input_path, np.ndarray) else util.load_image_data(os.fspath(input_path), key)
     ndim = infer_ndim(image, ndim)
@@ -206,7 +212,7 @@ def _precompute_state_for_file(predictor, input_path, output_path, key, ndim, ti
     if ndim == 2:
         cache(None, verbose)
     else:
-        for i in tqdm(range(image.shape[0]), desc="Precompute the segmentation state", disable=not verbose):
+        for i in track(range(image.shape[0]), "Precompute the segmentation state", verbose=verbose):
             cache(i, False)
     return output_path
 
@@ -223,8 +229,11 @@ def precompute_state(
     halo: Optional[Tuple[int, int]] = None,
     precompute_amg_state: bool = False,
     device: Optional[str] = None,
+    verbose: bool = True,
 ) -> None:
     """Precompute the image embeddings (and optionally the automatic segmentation state) for image(s).
+
+    The inputs are checked before the model is loaded.
 
     Args:
         input_path: An image file, a container file (with ``key``), or a folder (with ``pattern``).
@@ -240,44 +249,53 @@ def precompute_state(
         precompute_amg_state: Also cache the automatic segmentation state: AIS if the model has a decoder,
             else AMG.
         device: The device; None picks the best available one.
+        verbose: Show progress bars (per slice / tile for one input, per file for a folder).
 
     Raises:
         ValueError: Missing inputs or an input that matches no files.
     """
+    from . import instance_segmentation
+    from ._progress import track
+
+    if pattern is None:
+        if not os.path.exists(os.fspath(input_path)):
+            raise ValueError(f"The input path {os.fspath(input_path)!r} does not exist.")
+        files = None
+    else:
+        files = sorted(glob(os.path.join(os.fspath(input_path), pattern)))
+        if not files:
+            raise ValueError(f"No files match {pattern!r} in {os.fspath(input_path)!r}.")
     predictor, state = util.get_sam_model(model_type=model_type, checkpoint_path=checkpoint_path,
                                           device=util.get_device(device), return_state=True)
     decoder = None
     if isinstance(state, dict) and state.get("decoder_state") is not None:
         decoder = instance_segmentation.get_decoder(predictor.model.image_encoder, state["decoder_state"],
                                                     device=predictor.device)
-    if pattern is None:
-        if not os.path.exists(os.fspath(input_path)):
-            raise ValueError(f"The input path {os.fspath(input_path)!r} does not exist.")
+    if files is None:
         _precompute_state_for_file(predictor, input_path, output_path, key, ndim, tile_shape, halo,
-                                   precompute_amg_state, decoder, verbose=True)
+                                   precompute_amg_state, decoder, verbose=verbose)
         return
-    from tqdm import tqdm
-
-    files = sorted(glob(os.path.join(os.fspath(input_path), pattern)))
-    if not files:
-        raise ValueError(f"No files match {pattern!r} in {os.fspath(input_path)!r}.")
     os.makedirs(output_path, exist_ok=True)
-    for path in tqdm(files, desc="Precompute state for files"):
+    for path in track(files, "Precompute state for files", verbose=verbose):
         out = os.path.join(os.fspath(output_path), Path(path).stem + ".zarr")
         _precompute_state_for_file(predictor, path, out, key, ndim, tile_shape, halo, precompute_amg_state,
                                    decoder, verbose=False)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    """Command line entry point ``micro_sam.precompute_embeddings``."""
-    import argparse
+_PROG = "micro_sam.precompute_embeddings"
 
-    parser = argparse.ArgumentParser(
-        prog="micro_sam.precompute_embeddings",
+
+def _main(argv: Optional[List[str]]) -> int:
+    from . import _cli, _registry, _tiling
+
+    parser = _cli.ArgumentParser(
+        prog=_PROG,
         description="Compute the image embeddings for an image, a volume or a folder of images and cache them in "
                     "zarr, so that the annotation tools and automatic segmentation start instantly. Existing "
                     "caches are reused (incomplete ones are resumed); a cache made for another image or model is "
-                    "an error. Optionally also cache the state of the automatic segmentation (-p).",
+                    "an error. Optionally also cache the state of the automatic segmentation (-p). Inputs are "
+                    "checked before the model is loaded; missing output folders are created. Exit status: 0 "
+                    "done, 1 failed, 2 invalid arguments or inputs.",
     )
     parser.add_argument("-i", "--input_path", required=True,
                         help="An image file (tif, png, ...), a container file (zarr, n5, hdf5; with --key), or a "
@@ -288,8 +306,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--pattern", default=None, help="Glob pattern for the files in a folder, e.g. '*.tif'.")
     parser.add_argument("-k", "--key", default=None, help="Dataset key inside container inputs.")
     parser.add_argument("-m", "--model_type", default=util._DEFAULT_MODEL,
-                        help=f"The model (default: {util._DEFAULT_MODEL}); a registered name or, with --checkpoint, "
-                             "the architecture (vit_t, vit_b, vit_l, vit_h).")
+                        help=f"The model (default: {util._DEFAULT_MODEL}); a registered name (see "
+                             "micro_sam.util.get_model_names()) or, with --checkpoint, the architecture (vit_t, "
+                             "vit_b, vit_l, vit_h).")
     parser.add_argument("-c", "--checkpoint", default=None, help="A local model checkpoint to use.")
     parser.add_argument("--tile_shape", nargs=2, type=int, default=None, metavar=("Y", "X"),
                         help="Compute tiled embeddings with tiles of this shape (for large images).")
@@ -301,21 +320,55 @@ def main(argv: Optional[List[str]] = None) -> int:
                                                              "by default.")
     parser.add_argument("-p", "--precompute_amg_state", action="store_true",
                         help="Also cache the automatic segmentation state (AIS for models with a decoder, else AMG).")
+    _cli.add_quiet_argument(parser)
     args = parser.parse_args(argv)
     if (args.tile_shape is None) != (args.halo is None):
-        parser.error("--tile_shape and --halo must be given together.")
-    try:
-        precompute_state(
-            args.input_path, args.embedding_path, pattern=args.pattern, model_type=args.model_type,
-            checkpoint_path=args.checkpoint, key=args.key, ndim=args.ndim,
-            tile_shape=None if args.tile_shape is None else tuple(args.tile_shape),
-            halo=None if args.halo is None else tuple(args.halo),
-            precompute_amg_state=args.precompute_amg_state, device=args.device,
-        )
-    except ValueError as error:
-        print(f"Error: {error}", file=sys.stderr)
-        return 1
+        raise _cli.UsageError("--tile_shape and --halo must be given together")
+    tile_shape = None if args.tile_shape is None else tuple(args.tile_shape)
+    halo = None if args.halo is None else tuple(args.halo)
+    if args.checkpoint is None:
+        try:
+            _registry.get_entry(args.model_type)
+        except ValueError as error:  # names the registered models
+            raise _cli.UsageError(str(error)) from None
+    elif not os.path.isfile(args.checkpoint):
+        raise _cli.UsageError(f"the checkpoint {args.checkpoint!r} does not exist")
+    if args.pattern is None:  # one input: read and check it now, before the model is loaded
+        data, ndim = _cli.load_input(args.input_path, args.key, args.ndim)
+        spatial = tuple(data.shape[1:3]) if ndim == 3 else tuple(data.shape[:2])
+        try:
+            _tiling.validate_tiling(spatial, tile_shape, halo)
+        except ValueError as error:
+            raise _cli.UsageError(str(error)) from None
+        _cli.check_writable(Path(args.embedding_path).with_suffix(".zarr"), "embedding cache")
+    elif not os.path.isdir(args.input_path):
+        raise _cli.UsageError(f"--pattern needs a folder as input, {args.input_path!r} is not one")
+    else:
+        _cli.check_writable(args.embedding_path, "output folder")
+    _cli.check_device(args.device)
+    precompute_state(
+        args.input_path, args.embedding_path, pattern=args.pattern, model_type=args.model_type,
+        checkpoint_path=args.checkpoint, key=args.key, ndim=args.ndim, tile_shape=tile_shape, halo=halo,
+        precompute_amg_state=args.precompute_amg_state, device=args.device, verbose=not args.quiet,
+    )
+    if not args.quiet:
+        output = args.embedding_path if args.pattern else Path(args.embedding_path).with_suffix(".zarr")
+        print(f"{args.input_path} -> {output}")
     return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Command line entry point ``micro_sam.precompute_embeddings`` (see ``--help``).
+
+    Args:
+        argv: The arguments; None reads ``sys.argv``.
+
+    Returns:
+        The exit code: 0 done, 1 failed, 2 invalid arguments or inputs (one line on stderr).
+    """
+    from . import _cli
+
+    return _cli.run_main(_main, argv, prog=_PROG)
 
 
 if __name__ == "__main__":

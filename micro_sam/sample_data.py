@@ -528,20 +528,96 @@ def sample_data_segmentation() -> List[Tuple[np.ndarray, dict]]:
     return [(masks, {"name": "segmentation"})]
 
 
-def _main(argv: Optional[List[str]] = None) -> int:
-    """``python -m micro_sam.sample_data [--labels]``: print the path of the bundled sample image (or labels)."""
-    import argparse
+# The samples that ``python -m micro_sam.sample_data NAME`` writes: name -> (function returning (image, labels)
+# for a seed, description). Adding a generator here is all the command line needs.
+SYNTHETIC_SAMPLES = {
+    "nuclei_2d": (synthetic_nuclei_2d, "2D fluorescent nuclei, 512 x 512 (seed 0: the bundled sample image)"),
+    "cells_2d": (synthetic_cells_2d, "2D fluorescent cells, 512 x 512"),
+    "nuclei_3d": (synthetic_nuclei_3d, "3D fluorescent nuclei, 16 x 256 x 256 (z, y, x)"),
+}
 
-    parser = argparse.ArgumentParser(
+
+def write_sample(name: str, directory: Optional[PathLike] = None, seed: int = 0) -> Tuple[str, str]:
+    """Write a synthetic sample and its instance labels as tif files.
+
+    Args:
+        name: A key of :data:`SYNTHETIC_SAMPLES` ("nuclei_2d", "cells_2d", "nuclei_3d", ...).
+        directory: The folder to write into (created if needed); default ``<cache directory>/sample_data``.
+        seed: The seed of the generator (the same seed gives the same files).
+
+    Returns:
+        The paths of the image (``<name>.tif``, or ``<name>_seed<seed>.tif``) and of its labels
+        (``..._labels.tif``).
+
+    Raises:
+        ValueError: Unknown name, or a directory that cannot be written.
+    """
+    import tifffile
+
+    if name not in SYNTHETIC_SAMPLES:
+        raise ValueError(f"Unknown sample {name!r}; available: {', '.join(SYNTHETIC_SAMPLES)}.")
+    directory = _prepare_directory(_sample_data_directory() if directory is None else directory)
+    image, labels = SYNTHETIC_SAMPLES[name][0](seed=seed)
+    stem = name if seed == 0 else f"{name}_seed{seed}"
+    paths = []
+    for suffix, data in (("", image), ("_labels", labels)):
+        path = directory / f"{stem}{suffix}.tif"
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".tif", dir=directory)
+        os.close(fd)
+        try:
+            tifffile.imwrite(tmp, data, compression="zlib")
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        paths.append(str(path))
+    return paths[0], paths[1]
+
+
+def _main(argv: Optional[List[str]] = None) -> int:
+    from . import _cli
+
+    parser = _cli.ArgumentParser(
         prog="python -m micro_sam.sample_data",
-        description="Print the path of the bundled 512 x 512 nuclei sample image (offline), e.g. for "
-        "micro_sam.automatic_segmentation -i \"$(python -m micro_sam.sample_data)\" ...",
+        description="Print the path of a sample image (offline), e.g. for micro_sam.automatic_segmentation -i "
+        "\"$(python -m micro_sam.sample_data)\" ... Without a name: the bundled 512 x 512 nuclei image. With a "
+        "name: a synthetic sample written as <name>.tif and <name>_labels.tif into --output_folder (default: "
+        "<cache directory>/sample_data).",
+        epilog="samples: " + "; ".join(f"{name}: {text}" for name, (_, text) in SYNTHETIC_SAMPLES.items()),
     )
+    parser.add_argument("name", nargs="?", default=None, choices=list(SYNTHETIC_SAMPLES),
+                        help="The synthetic sample to write (see below).")
     parser.add_argument("--labels", action="store_true", help="Print the path of its instance labels instead.")
+    parser.add_argument("-o", "--output_folder", default=None, help="Where to write a named sample.")
+    parser.add_argument("--seed", type=int, default=0, help="The seed of the generator (default: 0).")
     args = parser.parse_args(argv)
-    print(sample_labels_path() if args.labels else sample_image_path())
+    if args.name is None:
+        if args.output_folder is not None or args.seed != 0:
+            raise _cli.UsageError("--output_folder and --seed need a sample name, e.g. nuclei_2d")
+        print(sample_labels_path() if args.labels else sample_image_path())
+        return 0
+    image_path, labels_path = write_sample(args.name, args.output_folder, args.seed)
+    print(labels_path if args.labels else image_path)
     return 0
 
 
+def main(argv: Optional[List[str]] = None) -> int:
+    """``python -m micro_sam.sample_data [NAME] [--labels] [-o FOLDER] [--seed N]``: print a sample's path.
+
+    Without a name the bundled sample image (or its labels); with a name of :data:`SYNTHETIC_SAMPLES` the
+    synthetic sample is written first (see :func:`write_sample`).
+
+    Args:
+        argv: The arguments; None reads ``sys.argv``.
+
+    Returns:
+        The exit code (0; 2 with one line on stderr for invalid arguments).
+    """
+    from . import _cli
+
+    return _cli.run_main(_main, argv, prog="python -m micro_sam.sample_data")
+
+
 if __name__ == "__main__":
-    raise SystemExit(_main())
+    raise SystemExit(main())

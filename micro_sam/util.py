@@ -196,28 +196,45 @@ def get_centers_and_bounding_boxes(
 def load_image_data(path: str, key: Optional[str] = None, lazy_loading: bool = False) -> np.ndarray:
     """Load image data from a file: tif/png/... via imageio, or a dataset ``key`` in zarr/n5/hdf5.
 
+    Args:
+        path: The image file, or the container (zarr / n5 folder, hdf5 file).
+        key: The dataset inside a container; None for image files.
+        lazy_loading: Return the zarr array of a zarr container instead of reading it.
+
+    Returns:
+        The image data.
+
     Raises:
-        ValueError: if the path does not exist or cannot be read.
+        ValueError: if the path does not exist or cannot be read, or the container has no dataset ``key``.
     """
+    path = os.fspath(path)
     if not os.path.exists(path):
-        raise ValueError(f"The image path {os.fspath(path)!r} does not exist.")
+        raise ValueError(f"The image path {path!r} does not exist.")
     if key is None:
         import imageio.v3 as imageio
 
         try:
             return imageio.imread(path)
         except Exception as error:  # noqa: BLE001
-            raise ValueError(f"Could not read the image {os.fspath(path)!r}: {error}") from None
+            if "backend" in str(error) or os.path.isdir(path):  # imageio found no reader for this file
+                reason = "it is not an image file that imageio can read (tif, png, jpg, ...)"
+            else:
+                reason = " ".join(str(error).split()) or type(error).__name__
+            raise ValueError(f"Could not read the image {path!r}: {reason}. Containers (zarr, n5, hdf5) need "
+                             "the dataset name as key.") from None
     if str(path).endswith((".h5", ".hdf5", ".hdf")):
         import h5py
 
         with h5py.File(path, "r") as f:
             if key not in f:
-                raise ValueError(f"{os.fspath(path)!r} has no dataset {key!r}.")
+                raise ValueError(f"{path!r} has no dataset {key!r}.")
             return f[key][()]
     import zarr
 
-    data = zarr.open(path, mode="r")[key]
+    try:
+        data = zarr.open(path, mode="r")[key]
+    except (KeyError, FileNotFoundError):
+        raise ValueError(f"{path!r} has no dataset {key!r}.") from None
     return data if lazy_loading else data[...]
 
 

@@ -1,7 +1,21 @@
 """Shared fixtures: small SAM models built in the tests, saved in the checkpoint formats micro_sam reads."""
+import os
+
 import numpy as np
 import pytest
 import torch
+
+# Under pytest-xdist (the README's test command runs `-n 2`) the workers share the CPU cores: each gets its share
+# of torch threads, so that no OpenMP threads spin against each other (on 2 cores: one thread per worker).
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    torch.set_num_threads(_threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(_threads))  # for subprocesses
+
+
+def pytest_collection_modifyitems(items):
+    """Start the notebooks first: they are the longest unit of work (under xdist, one worker runs them)."""
+    items.sort(key=lambda item: item.get_closest_marker("xdist_group") is None)
 
 
 def make_tiny_sam(seed: int = 0):
@@ -78,3 +92,31 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def executed_notebooks(tmp_path_factory):
+    """The notebooks of notebooks/, executed once per test session, all at once (see scripts/build_docs.py).
+
+    Returns ``{name: (executed notebook, error or None, working directory)}``; the notebook test checks them and
+    the documentation test builds the site from them, so that CI runs each notebook once. Everything is offline:
+    the micro_sam cache and temporary files are in the session's temporary folder.
+    """
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    sys.path.insert(0, str(root / "scripts"))
+    try:
+        from build_docs import execute_notebooks
+    finally:
+        sys.path.remove(str(root / "scripts"))
+    base = tmp_path_factory.mktemp("notebooks")
+    (base / "tmp").mkdir()
+    paths = sorted((root / "notebooks").glob("*.ipynb"))
+    notebooks, errors = execute_notebooks(
+        paths, workdir=base / "work", timeout=300,
+        environment={"MICROSAM_CACHEDIR": str(base / "cache"), "TMPDIR": str(base / "tmp")},
+    )
+    return {path.name: (notebook, error, base / "work" / path.stem)
+            for path, notebook, error in zip(paths, notebooks, errors)}

@@ -185,17 +185,14 @@ def test_cli_folder(vit_t_checkpoint, tmp_path, capsys):
 
 
 def test_cli_errors(vit_t_checkpoint, tmp_path, capsys):
-    with pytest.raises(SystemExit) as error:
-        main(["-i", str(tmp_path / "missing.tif"), "-o", str(tmp_path / "out.tif")])
-    assert error.value.code == 2 and "does not exist" in capsys.readouterr().err
+    assert main(["-i", str(tmp_path / "missing.tif"), "-o", str(tmp_path / "out.tif")]) == 2
+    assert "does not exist" in capsys.readouterr().err
     image = tmp_path / "image.tif"
     tifffile.imwrite(image, np.zeros((32, 32), dtype="uint8"))
-    with pytest.raises(SystemExit):
-        main(["-i", str(image), "-o", str(tmp_path / "out.tif"), "-m", "vit_t", "-c", str(vit_t_checkpoint),
-              "-d", "cpu", "--no_such_parameter", "1"])
-    assert "Unknown parameter" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["-i", str(image), "-o", str(tmp_path / "out.tif"), "--tile_shape", "16", "16"])
+    assert main(["-i", str(image), "-o", str(tmp_path / "out.tif"), "-m", "vit_t", "-c", str(vit_t_checkpoint),
+                 "-d", "cpu", "--no_such_parameter", "1"]) == 2
+    assert "unknown parameter" in capsys.readouterr().err
+    assert main(["-i", str(image), "-o", str(tmp_path / "out.tif"), "--tile_shape", "16", "16"]) == 2
     assert "--halo" in capsys.readouterr().err
 
 
@@ -246,3 +243,35 @@ def test_automatic_tracking_delegates_to_tracker(monkeypatch):
     np.testing.assert_array_equal(per_frame > 0, labels > 0)
     assert len(np.unique(per_frame)) == 4  # one object per frame, ids unique over frames
     np.testing.assert_array_equal(tracks, (labels > 0).astype("uint32"))
+
+
+def test_label_dtype_is_uint32_in_2d_tiled_3d_and_tracking(tmp_path):
+    """One label dtype for every result: 2D, tiled 2D, 3D (after the merge), written files, tracking."""
+    from skimage.draw import disk
+
+    from micro_sam.instance_segmentation import TiledInstanceSegmentationWithDecoder
+    from micro_sam.multi_dimensional_segmentation import _recolor, merge_instance_segmentation_3d
+
+    from instance_segmentation._models import tiled_embeddings_with_ids
+
+    labels = np.zeros((2, 64, 64), dtype="uint32")
+    for k, center in enumerate([(20, 20), (44, 40)], start=1):
+        labels[:, disk(center, 9, shape=(64, 64))[0], disk(center, 9, shape=(64, 64))[1]] = k
+    maps = np.stack([np.stack(decoder_targets(s)) for s in labels], axis=1)
+
+    predictor, segmenter, _ = _ais(labels[0], maps[:, 0], img_size=1024)
+    seg2d = automatic_instance_segmentation(predictor, segmenter, labels[0].astype("float32"), verbose=False,
+                                            output_path=tmp_path / "2d.tif", foreground_smoothing=0)
+    tiling = ((32, 32), (8, 8))
+    tiled = TiledInstanceSegmentationWithDecoder(predictor, StubDecoder(maps[:, 0], tiling=tiling))
+    tiled.initialize(labels[0], image_embeddings=tiled_embeddings_with_ids((64, 64), *tiling))
+    seg_tiled = tiled.generate(foreground_smoothing=0)
+    predictor, segmenter, _ = _ais(labels[0], maps, img_size=1024, by_slice="calls")
+    seg3d = automatic_instance_segmentation(predictor, segmenter, labels.astype("float32"), ndim=3, verbose=False,
+                                            output_path=tmp_path / "3d.tif", foreground_smoothing=0)
+    merged = merge_instance_segmentation_3d(labels.astype("uint64"), verbose=False)
+    tracks = _recolor(labels, {(0, 1): 1, (1, 1): 1, (0, 2): 2, (1, 2): 2})
+    for result in (seg2d, seg_tiled, seg3d, merged, tracks, tifffile.imread(tmp_path / "2d.tif"),
+                   tifffile.imread(tmp_path / "3d.tif")):
+        assert result.dtype == np.uint32
+    assert seg2d.max() == seg_tiled.max() == seg3d.max() == merged.max() == tracks.max() == 2

@@ -1,4 +1,6 @@
 """Image embeddings: equality with segment_anything, 2D/3D/tiled caching in micro_sam's layout, resume."""
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -209,3 +211,56 @@ def test_progress_callbacks(tiny_predictor, rng, capsys):
 def test_bad_input(tiny_predictor, bad, kwargs, message):
     with pytest.raises(ValueError, match=message):
         precompute_image_embeddings(tiny_predictor, bad, verbose=False, **kwargs)
+
+
+def _damage_chunk(path, chunk):
+    """Overwrite one chunk file of a cache with garbage, as a full disk or an interrupted copy leaves it."""
+    chunk_file = path.joinpath("features", "c", *(str(c) for c in chunk))
+    assert chunk_file.is_file()
+    chunk_file.write_bytes(b"\x00garbage" * 64)
+
+
+def test_damaged_2d_cache_is_recomputed_with_a_warning(tiny_predictor, tmp_path, rng, monkeypatch):
+    image = rng.integers(0, 255, size=(64, 80)).astype("uint8")
+    path = tmp_path / "emb.zarr"
+    first = precompute_image_embeddings(tiny_predictor, image, save_path=path, verbose=False)["features"]
+    _damage_chunk(path, (0, 0, 0, 0))
+    calls = _count_encoder_calls(monkeypatch)
+    with pytest.warns(UserWarning, match=r"emb\.zarr' is damaged .*computed again"):
+        again = precompute_image_embeddings(tiny_predictor, image, save_path=path, verbose=False)
+    assert calls == [1]
+    np.testing.assert_allclose(again["features"], first, atol=1e-6)
+    calls.clear()  # repaired: read without recomputation or warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_array_equal(
+            precompute_image_embeddings(tiny_predictor, image, save_path=path, verbose=False)["features"],
+            again["features"])
+    assert calls == []
+
+
+def test_damaged_3d_cache_recomputes_only_the_damaged_slice(tiny_predictor, tmp_path, rng, monkeypatch):
+    volume = rng.integers(0, 255, size=(3, 40, 40)).astype("uint8")
+    path = tmp_path / "vol.zarr"
+    first = precompute_image_embeddings(tiny_predictor, volume, save_path=path, verbose=False)["features"]
+    _damage_chunk(path, (1, 0, 0, 0, 0))
+    lazy = precompute_image_embeddings(tiny_predictor, volume, save_path=path, lazy_loading=True, verbose=False)
+    with pytest.raises(RuntimeError, match=r"vol\.zarr' is damaged: the embeddings of slice 1 cannot be read.*"
+                                           r"Delete the cache folder"):
+        set_precomputed(tiny_predictor, lazy, i=1)
+    calls = _count_encoder_calls(monkeypatch)
+    with pytest.warns(UserWarning, match="is damaged"):
+        again = precompute_image_embeddings(tiny_predictor, volume, save_path=path, verbose=False)
+    assert calls == [1]  # slice 1 only
+    np.testing.assert_allclose(again["features"], first, atol=1e-6)
+
+
+def test_damaged_tiled_cache_names_the_cache(tiny_predictor, tmp_path, rng):
+    image = rng.integers(0, 255, size=(96, 96)).astype("uint8")
+    path = tmp_path / "tiled.zarr"
+    embeddings = precompute_image_embeddings(tiny_predictor, image, save_path=path, tile_shape=(48, 48),
+                                             halo=(8, 8), verbose=False)
+    tile = path / "features" / "2"
+    (tile / "c" / "0" / "0" / "0" / "0").write_bytes(b"\x00garbage" * 64)
+    with pytest.raises(RuntimeError, match=r"tiled\.zarr' is damaged: the embeddings of tile 2"):
+        set_precomputed(tiny_predictor, embeddings, tile_id=2)

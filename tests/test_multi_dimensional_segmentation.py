@@ -49,7 +49,7 @@ def test_merge_recovers_3d_objects():
     original = slices.copy()
     merged = merge_instance_segmentation_3d(slices, verbose=False)
     assert np.array_equal(slices, original)  # input untouched
-    assert merged.dtype == np.uint64 and merged.shape == truth.shape
+    assert merged.dtype == np.uint32 and merged.shape == truth.shape
     assert _same_objects(merged, truth)
     assert mean_segmentation_accuracy(merged.astype("int64"), truth) == pytest.approx(1.0)
     assert np.array_equal(np.unique(merged), np.arange(5))  # consecutive ids
@@ -162,7 +162,7 @@ def test_merge_edge_cases():
     assert _same_objects(merge_instance_segmentation_3d(single, verbose=False), (single > 0).astype("uint8"))
     boolean = np.zeros((3, 5, 5), dtype=bool)
     boolean[:, 1:3, 1:3] = True
-    assert np.array_equal(merge_instance_segmentation_3d(boolean, verbose=False), boolean.astype("uint64"))
+    assert np.array_equal(merge_instance_segmentation_3d(boolean, verbose=False), boolean.astype("uint32"))
 
 
 @pytest.mark.parametrize("kwargs, match", [

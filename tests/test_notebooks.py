@@ -1,6 +1,7 @@
 """The example notebooks in notebooks/ run top to bottom, offline, on the CPU, as a user would run them.
 
-Each notebook is executed with nbclient in a fresh ``python3`` kernel whose working directory is a temporary folder;
+Each notebook is executed with nbclient in a fresh ``python3`` kernel whose working directory is a temporary folder
+(all three at once, by the session fixture ``executed_notebooks``, whose results the documentation build reuses);
 any cell error fails the test. The notebooks are committed without outputs, which is checked as well.
 """
 import os
@@ -8,11 +9,9 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from nbclient import NotebookClient
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
-CELL_TIMEOUT_S = 300
 
 
 # Text that each notebook prints when it ran through: facts about the data, not the model's quality.
@@ -46,27 +45,16 @@ def _stream_text(notebook) -> str:
     )
 
 
+@pytest.mark.xdist_group("notebooks")  # with the documentation build, which reuses the executed notebooks
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[path.stem for path in NOTEBOOKS])
-def test_notebook_runs(path, tmp_path, monkeypatch):
-    # Non-interactive plotting; the micro_sam cache and temporary files in the test's folder (nothing is downloaded).
-    monkeypatch.setenv("MPLBACKEND", "Agg")
-    monkeypatch.setenv("MICROSAM_CACHEDIR", str(tmp_path / "cache"))
-    (tmp_path / "tmp").mkdir()
-    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
-    # One torch thread: when other work shares the CPU, two spinning OpenMP threads slow the notebooks down by an
+def test_notebook_runs(path, executed_notebooks, tmp_path):
+    # The notebooks run all at once in the session fixture `executed_notebooks` (conftest.py), offline, with one
+    # torch thread each: when other work shares the CPU, two spinning OpenMP threads slow the notebooks down by an
     # order of magnitude (measured on the 2-core development machine), one thread does not.
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.setenv("MKL_NUM_THREADS", "1")
-    workdir = tmp_path / "work"
-    workdir.mkdir()
-
-    notebook = nbformat.read(path, as_version=4)
-    client = NotebookClient(notebook, timeout=CELL_TIMEOUT_S, kernel_name="python3",
-                            resources={"metadata": {"path": str(workdir)}})
-    try:
-        client.execute()  # raises CellExecutionError (with the cell's traceback) if a cell fails
-    finally:
-        nbformat.write(notebook, tmp_path / path.name)  # the executed notebook, for inspection
+    notebook, error, workdir = executed_notebooks[path.name]
+    nbformat.write(notebook, tmp_path / path.name)  # the executed notebook, for inspection
+    if error is not None:
+        raise error  # nbclient's CellExecutionError holds the failing cell's traceback
 
     text = _stream_text(notebook)
     for expected in EXPECTED_OUTPUT[path.name]:

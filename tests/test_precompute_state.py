@@ -79,7 +79,7 @@ def test_precompute_cli(vit_t_checkpoint, tmp_path, capsys):
     assert tuple(cache.attrs["original_size"]) == (40, 56) and cache["features"].shape == (1, 256, 64, 64)
 
     assert main(["-i", str(tmp_path / "missing.tif"), "-e", str(tmp_path / "x"), "-m", "vit_t",
-                 "-c", str(vit_t_checkpoint), "-d", "cpu"]) == 1
+                 "-c", str(vit_t_checkpoint), "-d", "cpu"]) == 2
     assert "does not exist" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--help"])

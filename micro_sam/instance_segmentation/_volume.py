@@ -36,9 +36,8 @@ def segment_slices(
     Returns:
         The (Z, Y, X) uint32 segmentation (object ids of slice z follow those of slice z - 1) and the embeddings.
     """
-    from tqdm import tqdm
-
     from .._image import infer_ndim
+    from .._progress import track
     from ..util import precompute_image_embeddings
 
     if not hasattr(volume, "shape") or infer_ndim(volume, 3) != 3:
@@ -52,7 +51,7 @@ def segment_slices(
         )
     segmentation = np.zeros(tuple(volume.shape[:3]), dtype="uint32")
     offset = 0
-    for z in tqdm(range(segmentation.shape[0]), desc="Segment slices", disable=not verbose):
+    for z in track(range(segmentation.shape[0]), "Segment slices", verbose=verbose):
         segmentor.initialize(volume[z], image_embeddings=image_embeddings, i=z, verbose=False)
         seg = np.asarray(segmentor.generate(**generate_kwargs))
         n = int(seg.max())

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.lean_unetr import maybe_decode
+from ..models.unetr_decoder import UNETRDecoder, embed_dim_of, uses_conv_transpose
 
 __all__ = ["DecoderAdapter", "get_unetr", "get_decoder", "get_predictor_and_decoder"]
 
@@ -32,8 +33,7 @@ _DECODER_MODULES = (
 def _uses_conv_transpose(decoder_state: Mapping[str, torch.Tensor]) -> bool:
     # torch_em wraps transposed-convolution upsamplers as `<sampler>.block.*`; the default
     # (interpolation + convolution) upsampler stores its weights as `<sampler>.conv.*`.
-    sampler_keys = [key for key in decoder_state if key.startswith("decoder.samplers")]
-    return any(".block." in key for key in sampler_keys)
+    return uses_conv_transpose(decoder_state)
 
 
 def _load_decoder_state(unetr: torch.nn.Module, decoder_state: Mapping[str, torch.Tensor],
@@ -148,7 +148,8 @@ class DecoderAdapter(torch.nn.Module):
     segmenters, so that results do not depend on the batch size.
 
     Args:
-        unetr: A UNETR from :func:`get_unetr` (built without skip connections).
+        unetr: A UNETR from :func:`get_unetr` (built without skip connections), or its decoder alone, a
+            :class:`micro_sam.models.unetr_decoder.UNETRDecoder` (what :func:`get_decoder` builds).
         use_batch_statistics: Normalise with per-batch statistics (micro_sam's behaviour) instead of the
             stored running statistics.
     """
@@ -160,7 +161,8 @@ class DecoderAdapter(torch.nn.Module):
             raise ValueError("DecoderAdapter needs a UNETR built with use_skip_connection=False.")
         for name in _DECODER_MODULES:
             setattr(self, name, getattr(unetr, name))
-        self.encoder_img_size = int(unetr.encoder.img_size)
+        encoder = getattr(unetr, "encoder", None)  # (a UNETRDecoder has none: it records the size)
+        self.encoder_img_size = int(unetr.encoder_img_size if encoder is None else encoder.img_size)
         self.embed_dim = int(unetr.embed_dim)
 
     def _decode(self, embeddings: torch.Tensor) -> torch.Tensor:
@@ -227,7 +229,14 @@ def get_decoder(
     Raises:
         RuntimeError: The decoder state does not fit this encoder.
     """
-    return DecoderAdapter(get_unetr(image_encoder, decoder_state, device)).eval()
+    from ..util import get_device
+
+    # The decoder alone, built without torch_em (see micro_sam.models.unetr_decoder): the same parameters and maps
+    # as get_unetr's, without importing torch_em's training code.
+    network = UNETRDecoder(embed_dim=embed_dim_of(image_encoder), encoder_img_size=int(image_encoder.img_size),
+                           use_conv_transpose=uses_conv_transpose(decoder_state))
+    _load_decoder_state(network, decoder_state, flexible_load_checkpoint=False)
+    return DecoderAdapter(network.to(get_device(device))).eval()
 
 
 def get_predictor_and_decoder(

@@ -24,6 +24,8 @@ import threading
 from typing import Callable, Dict, Iterator, Optional, Union
 
 import torch
+
+from .. import _segment_anything  # noqa: F401  (imports segment_anything without torchvision)
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
 from .tiny_vit import TinyViT

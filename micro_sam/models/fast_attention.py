@@ -27,6 +27,8 @@ from typing import Iterator, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+
+from .. import _segment_anything  # noqa: F401  (imports segment_anything without torchvision)
 from segment_anything.modeling import image_encoder as _sa_encoder
 
 from .attention import has_forward_hooks, needs_autograd

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import _segment_anything  # noqa: F401  (imports segment_anything without torchvision)
 from segment_anything.modeling.common import LayerNorm2d
 
 from .attention import Attention, Conv2d_BN, drop_path_module, gelu_on_temporary, residual_add
@@ -316,6 +317,7 @@ class TinyViT(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay_keywords(self) -> set:
+        """Parameter name parts to exclude from weight decay (the attention biases, as in MobileSAM)."""
         return {"attention_biases"}
 
     @property

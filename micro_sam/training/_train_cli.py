@@ -3,15 +3,18 @@
 micro_sam 1.8's options, plus ``--n_iterations``, ``--lr``, ``--n_objects_per_batch``, ``--resume``, ``--checkpoint_name`` (an alias of
 ``--trained_model_name``), ``--quiet`` and the PEFT options ``--peft_method``, ``--peft_rank``, ``--peft_layers``
 and ``--peft_update_matrices``. Everything that can be checked without training is checked first (settings, PEFT
-arguments, file pairs and their shapes), so that bad input fails at once with one line naming the problem and
-what is valid (exit code 2).
+arguments, file pairs and their shapes, the device, the output folders), so that bad input fails at once with
+one line naming the problem and what is valid (exit code 2; a failure during training: exit code 1), the
+convention of all micro_sam commands (:mod:`micro_sam._cli`). Training shows one named progress bar over the
+iterations (:mod:`micro_sam._progress`: plain lines when the output is not a terminal).
 """
 from __future__ import annotations
 
 import os
-import sys
 from glob import glob
 from typing import List, Optional, Sequence, Tuple
+
+from .. import _cli
 
 _PEFT_METHODS = ("lora", "fact", "ssf", "adaptformer", "attention", "bias", "layernorm", "classical")
 _IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
@@ -28,16 +31,40 @@ class _Silent:
     pbar_total = pbar_update = pbar_description = _Signal()
 
 
-def _parser():
-    import argparse
+class _ConsoleProgress:
+    """napari-style progress signals (``pbar_total``, ``pbar_update``, ``pbar_description``) shown as one named bar
+    of :func:`micro_sam._progress.progress_bar`, created when the trainer announces the number of iterations."""
 
+    class _Signal:
+        def __init__(self, function):
+            self.emit = function
+
+    def __init__(self, desc: str) -> None:
+        self.desc, self.bar = desc, None
+        self.pbar_total = self._Signal(self._total)
+        self.pbar_update = self._Signal(self._update)
+        self.pbar_description = self._Signal(lambda *args, **kwargs: None)
+
+    def _total(self, total) -> None:
+        from .._progress import progress_bar
+
+        if self.bar is None:
+            self.bar = progress_bar(int(total), self.desc)
+
+    def _update(self, steps) -> None:
+        if self.bar is not None:
+            self.bar.update(int(steps))
+
+    def close(self) -> None:
+        """End the bar (its final line when the output is not a terminal)."""
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _parser():
     from .configurations import CONFIGURATIONS, RESOURCES
 
-    class ArgumentParser(argparse.ArgumentParser):
-        def error(self, message):  # one line through main's error handling instead of the usage text
-            raise ValueError(f"{message} (see micro_sam.train --help)")
-
-    parser = ArgumentParser(
+    parser = _cli.ArgumentParser(
         prog="micro_sam.train", description="Finetune Segment Anything on microscopy images and instance labels.",
     )
     data = parser.add_argument_group("data")
@@ -91,7 +118,7 @@ def _parser():
     output.add_argument("--trained_model_name", "--checkpoint_name", dest="trained_model_name", default="sam_model",
                         help="Name of the run: checkpoints/<name>/ and logs/<name>/ (default sam_model).")
     output.add_argument("--output_path", default=None, help="Export the best model to this .pt / .pth file.")
-    output.add_argument("--quiet", action="store_true", help="No progress bar.")
+    _cli.add_quiet_argument(output)
     return parser
 
 
@@ -266,22 +293,31 @@ def run(argv: Optional[Sequence[str]] = None) -> str:
     """Parse the arguments, check them, train and export; returns the path of the trained (or exported) model.
 
     Raises:
-        ValueError: Invalid arguments or data, before training starts.
+        micro_sam._cli.UsageError: Invalid arguments or data (a ``ValueError``), before anything is loaded.
     """
+    args = _parser().parse_args(argv)
+    try:
+        configuration, model_type, with_decoder, instances_only = _check_settings(args)
+        peft_kwargs = _peft_kwargs(args, model_type)
+        n_train = check_image_label_pairs(args.images, args.labels, args.image_key, args.label_key, args.patch_shape)
+        if args.val_images is not None:
+            check_image_label_pairs(args.val_images, args.val_labels, args.val_image_key, args.val_label_key,
+                                    args.patch_shape, "validation")
+    except _cli.UsageError:
+        raise
+    except ValueError as error:
+        raise _cli.UsageError(str(error)) from None
+    args.device = _cli.check_device(args.device)
+    _cli.check_writable(os.path.join(args.save_root or ".", "checkpoints", args.trained_model_name), "checkpoint folder")
+    if args.output_path:
+        _cli.check_writable(args.output_path, "output")
+
     import torch_em
     from torch.utils.data import random_split
 
     from . import training
     from .data import default_sam_dataset
     from .util import get_raw_transform
-
-    args = _parser().parse_args(argv)
-    configuration, model_type, with_decoder, instances_only = _check_settings(args)
-    peft_kwargs = _peft_kwargs(args, model_type)
-    n_train = check_image_label_pairs(args.images, args.labels, args.image_key, args.label_key, args.patch_shape)
-    if args.val_images is not None:
-        check_image_label_pairs(args.val_images, args.val_labels, args.val_image_key, args.val_label_key,
-                                args.patch_shape, "validation")
 
     def one_or_list(paths):
         return paths[0] if len(paths) == 1 else list(paths)
@@ -315,20 +351,24 @@ def run(argv: Optional[Sequence[str]] = None) -> str:
              "checkpoint_path": args.checkpoint_path, "model_type": model_type}
     if args.resume:
         extra["load_from_checkpoint"] = "latest"
-    if args.quiet:
-        extra["pbar_signals"] = _Silent()
-    else:
+    progress = _Silent() if args.quiet else _ConsoleProgress(f"micro_sam.train {args.trained_model_name}")
+    extra["pbar_signals"] = progress
+    if not args.quiet:
         what = "the decoder only" if instances_only else "SAM and the decoder" if with_decoder else "SAM"
         peft = "" if peft_kwargs is None else f", PEFT {peft_kwargs}"
         print(f"micro_sam.train: {n_train} image(s); training {what} from {model_type} with the {configuration!r} "
               f"configuration (batch size {batch_size}, {n_objects} objects per image{peft}); "
               f"checkpoints in {os.path.join(args.save_root or '.', 'checkpoints', args.trained_model_name)}")
-    if instances_only:
-        training.train_instance_segmentation(name=args.trained_model_name, train_loader=train_loader,
-                                             val_loader=val_loader, **extra)
-    else:
-        training.train_sam(name=args.trained_model_name, train_loader=train_loader, val_loader=val_loader,
-                           with_segmentation_decoder=with_decoder, n_objects_per_batch=n_objects, **extra)
+    try:
+        if instances_only:
+            training.train_instance_segmentation(name=args.trained_model_name, train_loader=train_loader,
+                                                 val_loader=val_loader, **extra)
+        else:
+            training.train_sam(name=args.trained_model_name, train_loader=train_loader, val_loader=val_loader,
+                               with_segmentation_decoder=with_decoder, n_objects_per_batch=n_objects, **extra)
+    finally:
+        if isinstance(progress, _ConsoleProgress):
+            progress.close()
     if instances_only and args.output_path:
         trained = os.path.join(args.save_root or ".", "checkpoints", args.trained_model_name, "best.pt")
         training.export_instance_segmentation_model(trained, args.output_path, model_type, args.checkpoint_path)
@@ -337,16 +377,20 @@ def run(argv: Optional[Sequence[str]] = None) -> str:
                                    with_decoder)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """The ``micro_sam.train`` console script: returns the exit code (0 done, 2 invalid arguments or data).
-
-    Invalid arguments and data (``ValueError``) end with one line on stderr instead of a traceback.
-    """
-    try:
-        final_path = run(argv)
-    except ValueError as error:
-        message = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
-        print(f"micro_sam.train: error: {message}", file=sys.stderr)
-        return 2
+def _main(argv: Optional[Sequence[str]]) -> int:
+    final_path = run(argv)
     print(f"Training has finished. The trained model is saved at {final_path}.")
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The ``micro_sam.train`` console script.
+
+    Args:
+        argv: The arguments; None reads them from ``sys.argv``.
+
+    Returns:
+        The exit code: 0 done, 2 invalid arguments or data (one line on stderr, before anything is loaded), 1 a
+        failure during training, 130 interrupted (see :mod:`micro_sam._cli`).
+    """
+    return _cli.run_main(_main, argv, prog="micro_sam.train")

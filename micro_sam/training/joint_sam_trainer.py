@@ -207,12 +207,14 @@ class JointSamLogger(SamLogger):
 
     def log_train(self, step, loss, lr, x, y, samples, mask_loss, iou_regression_loss, model_iou,
                   instance_loss=None):
+        """Log the interactive training scalars and, if given, the instance segmentation loss."""
         super().log_train(step, loss, lr, x, y, samples, mask_loss, iou_regression_loss, model_iou)
         if instance_loss is not None:
             self._scalars("train", step, {"instance_loss": instance_loss})
 
     def log_validation(self, step, metric, loss, x, y, samples, mask_loss, iou_regression_loss, model_iou,
                        instance_loss=None):
+        """Log the validation scalars and, if given, the instance segmentation loss."""
         super().log_validation(step, metric, loss, x, y, samples, mask_loss, iou_regression_loss, model_iou)
         if instance_loss is not None:
             self._scalars("validation", step, {"instance_loss": instance_loss})

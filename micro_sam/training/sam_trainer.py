@@ -627,9 +627,9 @@ class SamTrainer(CheckpointMixin, torch_em.trainer.DefaultTrainer):
             self.iteration_times.append(time.perf_counter() - t_iteration)
             self._log_train(x, y, y_one_hot, (loss, mask_loss, iou_loss, model_iou), extra)
             self._iteration += 1
+            progress.update(1)  # the last iteration counts too (torch_em's loop leaves the bar one short)
             if self._iteration >= self.max_iteration:
                 break
-            progress.update(1)
         return (time.time() - t_start) / max(len(self.iteration_times), 1)
 
     def _validate_impl(self, forward_context):
@@ -701,12 +701,14 @@ class SamLogger(TorchEmLogger):
         self.tb.add_image(tag=f"{name}/samples", img_tensor=grid, global_step=step)
 
     def log_train(self, step, loss, lr, x, y, samples, mask_loss, iou_regression_loss, model_iou):
+        """Log the training losses, the model's IoU and the learning rate of an iteration (scalars only)."""
         self._scalars("train", step, {"loss": loss, "mask_loss": mask_loss, "iou_loss": iou_regression_loss,
                                       "model_iou": model_iou, "learning_rate": lr})
         if step % self.log_image_interval == 0:
             self.add_image(x, y, samples, "train", step)
 
     def log_validation(self, step, metric, loss, x, y, samples, mask_loss, iou_regression_loss, model_iou):
+        """Log the validation metric, losses and the model's IoU (scalars only)."""
         self._scalars("validation", step, {"loss": loss, "mask_loss": mask_loss, "iou_loss": iou_regression_loss,
                                            "model_iou": model_iou, "metric": metric})
         self.add_image(x, y, samples, "validation", step)

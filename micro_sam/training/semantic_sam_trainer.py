@@ -133,9 +133,9 @@ class SemanticSamTrainer(CheckpointMixin, torch_em.trainer.DefaultTrainer):
             if self.logger is not None:
                 lr = self.optimizer.param_groups[0]["lr"]
                 self.logger.log_train(self._iteration, loss.detach(), lr, x, y, None, log_gradients=False)
+            progress.update(1)
             if self._iteration >= self.max_iteration:
                 break
-            progress.update(1)
         return (time.time() - t_start) / max(n_iterations, 1)
 
     def _validate_impl(self, forward_context):

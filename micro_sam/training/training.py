@@ -663,7 +663,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     Returns:
         The exit code: 0 when the model was trained (and exported), 2 for invalid arguments or data (reported in one
-        line before anything is trained).
+        line before anything is loaded), 1 for a failure during training.
     """
     from ._train_cli import main as cli_main
 

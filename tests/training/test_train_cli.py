@@ -135,6 +135,8 @@ def test_lora_run_trains_exports_and_loads_back(capsys, data, tmp_path, vit_t_ch
            "settings of its vit_b row." in out
     assert "micro_sam.train: 2 image(s); training SAM from vit_t with the 'CPU' configuration" in out
     assert "'peft_module': 'lora', 'rank': 2" in out and f"saved at {output}" in out
+    # progress: one named bar over the iterations (plain lines, as stderr is not a terminal here)
+    assert "micro_sam.train lora_run: 2/2 in " in captured.err and "\r" not in captured.err
 
     exported = safe_load(output)
     state = exported["model_state"]
@@ -176,5 +178,26 @@ def test_settings_reach_the_training(capsys, data, monkeypatch, tmp_path):
     assert "micro_sam.train:" not in capsys.readouterr().out
     assert training_module.main(argv) == 0
     kwargs = calls.pop()
-    assert kwargs["freeze"] == ["image_encoder"] and kwargs["peft_kwargs"] is None and "pbar_signals" not in kwargs
+    assert kwargs["freeze"] == ["image_encoder"] and kwargs["peft_kwargs"] is None
+    assert isinstance(kwargs["pbar_signals"], _train_cli._ConsoleProgress)
     assert "training SAM and the decoder from vit_b with the 'gtx1080' configuration" in capsys.readouterr().out
+    # without validation data: a random 10 % (at least one) of the training patches validates, disjoint from training
+    train, val = kwargs["train_loader"].dataset, kwargs["val_loader"].dataset
+    assert len(val) == max(1, int(0.1 * (len(train) + len(val)))) and not set(train.indices) & set(val.indices)
+    # without --configuration: the closest match for this machine
+    from micro_sam.training.configurations import find_best_configuration
+
+    no_configuration = [a for a in argv if a not in ("--configuration", "gtx1080")]
+    assert training_module.main(no_configuration) == 0
+    assert f"with the {find_best_configuration()!r} configuration" in capsys.readouterr().out
+
+
+def test_failure_during_training_is_one_line_with_exit_code_1(capsys, data, monkeypatch, tmp_path):
+    def fail(**kwargs):
+        raise RuntimeError("out of memory\nwhile training")
+
+    monkeypatch.setattr(training_module, "train_sam", fail)
+    code = training_module.main(["--images", *data["images"], "--labels", *data["labels"], "--patch_shape", "128",
+                                 "128", "--save_root", str(tmp_path), "--num_workers", "0", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and err == ["micro_sam.train: error: out of memory; while training"]
