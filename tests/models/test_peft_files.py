@@ -1,5 +1,9 @@
-"""util.export_custom_qlora_model: a QLoRA checkpoint (packed 4-bit encoder weights) becomes a loadable LoRA model."""
+"""PEFT model files: a QLoRA checkpoint (packed 4-bit encoder weights) becomes a loadable LoRA model
+(util.export_custom_qlora_model), a LoRA model with a decoder, and checkpoints shared with micro_sam 1.8 both ways."""
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -81,3 +85,21 @@ def test_predictor_and_decoder_of_a_lora_model_equal_the_unetr_module(tmp_path):
         expected = unetr(torch.from_numpy(image).permute(2, 0, 1)[None].float())  # train mode: batch statistics
     torch.testing.assert_close(predictor.features, reference.features, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(maps, expected, atol=1e-4, rtol=1e-4)
+
+
+REFERENCE_PYTHON = "/tmp/micro-sam-reference/bin/python"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists(REFERENCE_PYTHON), reason="needs micro_sam 1.8.14 in /tmp/micro-sam-reference")
+def test_peft_checkpoints_load_both_ways_with_micro_sam_1_8():
+    """scripts/check_reference_peft_compat.py against micro_sam 1.8.14: for every PEFT method the parameter names and
+    shapes are micro_sam's (vit_b) and random-weight state dicts load strictly in both directions with the same
+    encoder output (about 6 min on a busy 2-core machine)."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=root)
+    result = subprocess.run([sys.executable, os.path.join(root, "scripts", "check_reference_peft_compat.py"),
+                             "--reference-python", REFERENCE_PYTHON], capture_output=True, text=True, env=env)
+    assert result.returncode == 0 and "ALL COMPATIBLE" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.count("this package -> micro_sam 1.8:") == 10
+    assert result.stdout.count("micro_sam 1.8 -> this package:") == 20
