@@ -334,7 +334,8 @@ def train_sam(
         mask_loss: The loss of the predicted masks (see :mod:`micro_sam.training.losses`); None: micro_sam's
             Dice loss. It is also the validation metric.
         model_kwargs: Further arguments of :func:`micro_sam.training.util.get_trainable_sam_model` (e.g.
-            ``embedding_cache_size`` for a frozen image encoder) and :func:`micro_sam.util.get_sam_model`.
+            ``embedding_cache_size`` for a frozen image encoder, ``gradient_checkpointing`` to recompute the
+            trainable encoder's activations in the backward pass) and :func:`micro_sam.util.get_sam_model`.
 
     Raises:
         ValueError: For unsuitable data (see the module docstring), a checkpoint of another architecture, or
