@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections import OrderedDict
 from typing import Callable, Optional, Union
 
 from . import _registry
@@ -84,6 +85,9 @@ def get_sam_model(
     :func:`micro_sam.models.fast_attention.optimize_sam`.
     """
     from . import _checkpoints, _segment_anything  # noqa: F401  (segment_anything without torchvision)
+
+    sam_kwargs = _check_model_kwargs(model_kwargs)
+    peft_kwargs = _check_peft_kwargs(peft_kwargs, model_type)
     from segment_anything import SamPredictor
     from .models.build_sam import sam_model_registry, skip_weight_init
     from .models.fast_attention import optimize_sam
@@ -95,10 +99,6 @@ def get_sam_model(
             f"Registered models ({_registry.describe_model_names()}); the list is "
             "micro_sam.util.get_model_names()."
         )
-    if model_kwargs:
-        raise NotImplementedError(f"Custom SAM construction parameters {sorted(model_kwargs)} are not supported.")
-    if peft_kwargs:
-        raise NotImplementedError("Parameter-efficient finetuning (peft_kwargs) is not supported by this package.")
     device = get_device(device)
     resolve_precision(precision, device)  # fail before loading anything
     checkpoint_path, model_hash, decoder_path = _resolve_files(
@@ -108,18 +108,21 @@ def get_sam_model(
         _checkpoints.safe_load(checkpoint_path), checkpoint_path
     )
     architecture = _checkpoints.resolve_architecture(model_type, model_state, checkpoint_path)
-    image_size = _checkpoints.image_size_of(state, architecture, checkpoint_path)
+    if "image_size" not in sam_kwargs:
+        image_size = _checkpoints.image_size_of(state, architecture, checkpoint_path)
+        if image_size != 1024:
+            sam_kwargs["image_size"] = image_size
     # Every parameter is loaded below (strictly, unless flexible): skip the random initialisation.
     with contextlib.nullcontext() if flexible_load_checkpoint else skip_weight_init():
-        sam = sam_model_registry[architecture](image_size=image_size) if image_size != 1024 else (
-            sam_model_registry[architecture]()
-        )
+        sam = sam_model_registry[architecture](**sam_kwargs)
+        if peft_kwargs:
+            from .models.peft_sam import PEFT_Sam
+
+            sam = PEFT_Sam(sam, **peft_kwargs).sam
     if flexible_load_checkpoint:
-        own = sam.state_dict()
-        model_state = {k: v for k, v in model_state.items() if k in own and own[k].shape == v.shape}
-        sam.load_state_dict(model_state, strict=False)
+        _load_flexibly(sam, model_state, checkpoint_path)
     else:
-        _checkpoints.load_model_state(sam, model_state, checkpoint_path)
+        _load_strictly(sam, model_state, checkpoint_path, peft_kwargs)
     sam.to(device=device)
     sam.eval()
     optimize_sam(sam)
@@ -145,6 +148,86 @@ def get_sam_model(
     return predictor
 
 
+_MODEL_KWARGS = ("num_multimask_outputs", "image_size")
+
+
+def _check_model_kwargs(model_kwargs: dict) -> dict:
+    unknown = sorted(set(model_kwargs) - set(_MODEL_KWARGS))
+    if unknown:
+        raise ValueError(f"Unknown SAM construction parameters {unknown}; supported: {', '.join(_MODEL_KWARGS)}.")
+    return dict(model_kwargs)
+
+
+def _check_peft_kwargs(peft_kwargs, model_type) -> Optional[dict]:
+    """Checked ``peft_kwargs`` without ``quantize`` (inference runs unquantised, as in micro_sam), or None."""
+    if peft_kwargs is None or (isinstance(peft_kwargs, dict) and not peft_kwargs):
+        return None
+    from .models.peft_sam import check_peft_kwargs
+
+    peft_kwargs = check_peft_kwargs(peft_kwargs, model_type if isinstance(model_type, str) else None)
+    peft_kwargs.pop("quantize", None)
+    return peft_kwargs
+
+
+def _peft_hint(model_state) -> str:
+    from .models._peft_layout import infer_peft_kwargs
+
+    guess = infer_peft_kwargs(model_state)
+    if guess is None:
+        return " The checkpoint holds no PEFT parameters: load it without peft_kwargs."
+    return f" The checkpoint looks like a PEFT model trained with peft_kwargs={guess}."
+
+
+def _load_strictly(sam, model_state, checkpoint_path, peft_kwargs) -> None:
+    """Load all parameters; a mismatch that PEFT settings explain gets a hint on the settings to use."""
+    from . import _checkpoints
+    from .models._peft_layout import infer_peft_kwargs
+
+    own = sam.state_dict()
+    mismatched = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in model_state.items()
+                  if k in own and own[k].shape != v.shape]
+    if mismatched:
+        raise _checkpoints.CheckpointError(
+            f"The checkpoint {os.fspath(checkpoint_path)!r} does not match the model: {len(mismatched)} parameters "
+            f"of another shape (checkpoint vs model), e.g. {', '.join(mismatched[:2])}. A model built with other "
+            "num_multimask_outputs / image_size loads what fits with flexible_load_checkpoint=True."
+        )
+    try:
+        _checkpoints.load_model_state(sam, model_state, checkpoint_path)
+    except _checkpoints.CheckpointError as error:
+        if peft_kwargs is None and infer_peft_kwargs(model_state) is None:
+            raise
+        raise _checkpoints.CheckpointError(f"{error}{_peft_hint(model_state)}") from None
+
+
+def _load_flexibly(sam, model_state, checkpoint_path) -> None:
+    """Load the parameters that fit (position tables resized to another input size); warn about the rest.
+
+    The weights of a plain checkpoint go into the layers that PEFT modules wrap (``qkv.weight`` ->
+    ``qkv.qkv_proj.weight``), so that a PEFT model built for training starts from the pretrained weights.
+    """
+    import warnings
+
+    from .models._peft_layout import unwrapped_key
+    from .models.build_sam import resize_position_tables
+
+    own = sam.state_dict()
+    model_state = dict(model_state)
+    for key in own:
+        plain = unwrapped_key(key)
+        if key not in model_state and plain != key and plain in model_state:
+            model_state[key] = model_state[plain]
+    model_state = resize_position_tables(model_state, own)
+    fitting = {k: v for k, v in model_state.items() if k in own and own[k].shape == v.shape}
+    mismatched = sorted(k for k in model_state if k in own and own[k].shape != model_state[k].shape)
+    if mismatched:
+        warnings.warn(
+            f"{len(mismatched)} parameters of {os.fspath(checkpoint_path)!r} do not fit the model and keep their "
+            f"initial values: {', '.join(mismatched[:5])}{' ...' if len(mismatched) > 5 else ''}."
+        )
+    sam.load_state_dict(fitting, strict=False)
+
+
 def export_custom_sam_model(
     checkpoint_path: Union[str, os.PathLike],
     model_type: str,
@@ -153,8 +236,6 @@ def export_custom_sam_model(
     prefix: str = "sam.",
 ) -> None:
     """See :func:`micro_sam.util.export_custom_sam_model`."""
-    import torch
-
     from . import _checkpoints
 
     obj = _checkpoints.safe_load(checkpoint_path)
@@ -173,10 +254,53 @@ def export_custom_sam_model(
         to_save = model_state
     if image_size != 1024:  # a model for another input size keeps that size (see models.build_sam)
         to_save["image_size"] = image_size
+    _save_atomically(to_save, save_path)
+
+
+def export_custom_qlora_model(
+    checkpoint_path: Optional[Union[str, os.PathLike]],
+    finetuned_path: Union[str, os.PathLike],
+    model_type: str,
+    save_path: Union[str, os.PathLike],
+) -> None:
+    """See :func:`micro_sam.util.export_custom_qlora_model`."""
+    from . import _checkpoints
+    from .models._peft_layout import infer_peft_kwargs
+    from .models.peft_sam import PEFT_Sam
+
+    finetuned_path = os.fspath(finetuned_path)
+    model_state, decoder_state, state = _checkpoints.split_checkpoint(_checkpoints.safe_load(finetuned_path),
+                                                                      finetuned_path)
+    peft_kwargs = infer_peft_kwargs(model_state)
+    if peft_kwargs is None or peft_kwargs.get("peft_module") != "LoRASurgery":
+        raise ValueError(f"{finetuned_path!r} holds no LoRA parameters ('...qkv.w_a_linear_q.weight', ...); it is not "
+                         "a (Q)LoRA checkpoint.")
+    _, sam = get_sam_model(model_type=model_type, checkpoint_path=checkpoint_path, device="cpu", return_sam=True)
+    template = PEFT_Sam(sam, **peft_kwargs).sam.state_dict()
+    exported = OrderedDict()
+    for key, base_value in template.items():
+        value = model_state.get(key)
+        # Quantized weights are stored in bitsandbytes' packed format (another shape / dtype): take the base
+        # model's; everything else (LoRA matrices, trained prompt encoder and mask decoder) from the finetuned model.
+        usable = value is not None and value.shape == base_value.shape and value.dtype == base_value.dtype
+        exported[key] = value if usable else base_value
+    to_save = {"model_state": exported}
+    if decoder_state is not None:
+        to_save["decoder_state"] = decoder_state
+    image_size = int(sam.image_encoder.img_size)
+    if image_size != 1024:
+        to_save["image_size"] = image_size
+    _save_atomically(to_save, save_path)
+    print(f"Exported the LoRA model with peft_kwargs={peft_kwargs} to {os.fspath(save_path)}.")
+
+
+def _save_atomically(obj, save_path) -> None:
+    import torch
+
     save_path = os.fspath(save_path)
     tmp_path = f"{save_path}.tmp-{os.getpid()}"
     try:
-        torch.save(to_save, tmp_path)
+        torch.save(obj, tmp_path)
         os.replace(tmp_path, save_path)
     finally:
         if os.path.exists(tmp_path):

@@ -67,11 +67,16 @@ get_sam_model.__doc__ = """Get a segment_anything ``SamPredictor`` for a registe
         return_sam: Also return the ``Sam`` model.
         return_state: Also return the checkpoint's state dict (with ``decoder_state`` where the model has an
             instance segmentation decoder).
-        peft_kwargs: Not supported; must be None.
-        flexible_load_checkpoint: Load only the parameters whose names and shapes match.
+        peft_kwargs: Arguments of :class:`micro_sam.models.peft_sam.PEFT_Sam` (e.g. ``{"rank": 4, "peft_module":
+            "lora"}``) for a checkpoint of a PEFT-finetuned model: the model is wrapped before its weights are
+            loaded. ``quantize`` is ignored (inference runs unquantised).
+        flexible_load_checkpoint: Load only the parameters whose names and shapes match (a ViT's position tables
+            are resized to another ``image_size``; the others keep their initial values, with a warning).
         progress_bar_factory: Callable returning a tqdm-like progress bar for the download.
         decoder_path: A local decoder state to return in ``state["decoder_state"]``.
-        model_kwargs: Not supported; must be empty.
+        model_kwargs: ``num_multimask_outputs`` and ``image_size`` of the builders in
+            :mod:`micro_sam.models.build_sam` (e.g. for semantic segmentation; other values than the checkpoint's
+            need ``flexible_load_checkpoint=True``).
 
     Returns:
         The predictor, with attributes ``model_type`` (architecture), ``model_name``, ``_hash`` ("xxh128:...")
@@ -326,4 +331,28 @@ apply_nms.__doc__ = """Non-maximum suppression over SAM mask records, then paint
 
     Returns:
         uint32 label image.
+    """
+
+
+# Parameter-efficient finetuning (QLoRA export); see micro_sam.models.peft_sam.
+from ._sam_loading import export_custom_qlora_model  # noqa: E402
+
+__all__ += ["export_custom_qlora_model"]
+
+export_custom_qlora_model.__doc__ = """Turn a QLoRA-finetuned checkpoint into a LoRA model file for ``get_sam_model``.
+
+    QLoRA (``peft_kwargs={"rank": ..., "quantize": True}``, bitsandbytes on a CUDA GPU) stores the frozen image
+    encoder's linear layers in bitsandbytes' packed 4-bit format. The exported file holds the base model's weights
+    for them (they were frozen), the LoRA matrices and all other trained parameters of the finetuned checkpoint,
+    and its ``decoder_state``; load it with ``get_sam_model(..., peft_kwargs={"rank": ...})``. Reading the
+    checkpoint needs neither bitsandbytes nor a GPU.
+
+    Args:
+        checkpoint_path: The base model the finetuning started from (None: the registered ``model_type``).
+        finetuned_path: The QLoRA trainer checkpoint (``checkpoints/<name>/best.pt``).
+        model_type: The architecture / registered name of the base model.
+        save_path: Where to write the LoRA model file (written atomically).
+
+    Raises:
+        ValueError: ``finetuned_path`` holds no LoRA parameters.
     """

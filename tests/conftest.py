@@ -82,6 +82,18 @@ def rng():
     return np.random.default_rng(0)
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Run a test single-threaded (small models: on a shared CPU, thread synchronisation costs more than it gains).
+
+    Use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def executed_notebooks(tmp_path_factory):
     """The notebooks of notebooks/, executed once per test session, all at once (see scripts/build_docs.py).

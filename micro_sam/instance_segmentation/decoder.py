@@ -252,7 +252,7 @@ def get_predictor_and_decoder(
             ``checkpoint_path``.
         checkpoint_path: A checkpoint holding both the SAM weights and a ``decoder_state``.
         device: The device; None picks the best available one.
-        peft_kwargs: Not supported; must be None.
+        peft_kwargs: PEFT settings of the model (see :func:`micro_sam.util.get_sam_model`).
 
     Returns:
         The ``SamPredictor`` and the :class:`DecoderAdapter`.

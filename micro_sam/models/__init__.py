@@ -1,4 +1,4 @@
-"""Network architectures: SAM builders by encoder name and the TinyViT (``vit_t``) encoder.
+"""Network architectures: SAM builders by encoder name, the TinyViT (``vit_t``) encoder and PEFT wrappers.
 
 The names are imported on first use, so that submodules which need only torch (e.g.
 :mod:`micro_sam.models.fast_mask_decoder`) do not import segment_anything.
@@ -6,10 +6,11 @@ The names are imported on first use, so that submodules which need only torch (e
 import importlib
 
 __all__ = [
-    "sam_model_registry", "TinyViT", "build_sam_vit_h", "build_sam_vit_l", "build_sam_vit_b", "build_sam_vit_t",
+    "sam_model_registry", "TinyViT", "build_sam", "build_sam_vit_h", "build_sam_vit_l", "build_sam_vit_b",
+    "build_sam_vit_t", "PEFT_Sam",
 ]
 
-_SOURCES = {"TinyViT": ".tiny_vit"}
+_SOURCES = {"TinyViT": ".tiny_vit", "PEFT_Sam": ".peft_sam"}
 
 
 def __getattr__(name: str):

@@ -637,9 +637,9 @@ class SamTrainer(CheckpointMixin, torch_em.trainer.DefaultTrainer):
             self.iteration_times.append(time.perf_counter() - t_iteration)
             self._log_train(x, y, y_one_hot, (loss, mask_loss, iou_loss, model_iou), extra)
             self._iteration += 1
+            progress.update(1)  # the last iteration counts too (torch_em's loop leaves the bar one short)
             if self._iteration >= self.max_iteration:
                 break
-            progress.update(1)
         return (time.time() - t_start) / max(len(self.iteration_times), 1)
 
     def _validate_impl(self, forward_context):

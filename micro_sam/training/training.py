@@ -23,7 +23,8 @@ from torch.utils.data import DataLoader
 
 import torch_em
 
-from ..util import get_device
+from ..models.peft_sam import ClassicalSurgery  # noqa: F401 (micro_sam 1.8 has it here)
+from ..util import export_custom_sam_model, get_device, get_model_names, get_sam_model  # noqa: F401
 from .configurations import CONFIGURATIONS, find_best_configuration, get_training_configuration
 from .data import (check_instance_labels, default_sam_dataset, default_sam_loader, iterate_batches,
                    with_batch_size)
@@ -336,7 +337,9 @@ def train_sam(
         save_every_kth_epoch: Also keep ``epoch-<k>.pt`` every k epochs.
         pbar_signals: napari progress signals (``pbar_total``, ``pbar_update``, ``pbar_description``).
         optimizer_class: Optimizer class.
-        peft_kwargs: Not supported; must be None.
+        peft_kwargs: Parameter-efficient finetuning of the image encoder: arguments of
+            :class:`micro_sam.models.peft_sam.PEFT_Sam`, e.g. ``{"rank": 4, "peft_module": "lora"}`` (see
+            :func:`micro_sam.training.util.get_trainable_sam_model`).
         ignore_warnings: Silence warnings during training.
         verify_n_labels_in_loader: Batches of each loader checked before training; None: all.
         box_distortion_factor: Random enlargement of box prompts (fraction of the box size).
@@ -349,7 +352,8 @@ def train_sam(
         mask_loss: The loss of the predicted masks (see :mod:`micro_sam.training.losses`); None: micro_sam's
             Dice loss. It is also the validation metric.
         model_kwargs: Further arguments of :func:`micro_sam.training.util.get_trainable_sam_model` (e.g.
-            ``embedding_cache_size`` for a frozen image encoder) and :func:`micro_sam.util.get_sam_model`.
+            ``embedding_cache_size`` for a frozen image encoder, ``gradient_checkpointing`` to recompute the
+            trainable encoder's activations in the backward pass) and :func:`micro_sam.util.get_sam_model`.
 
     Raises:
         ValueError: For unsuitable data (see the module docstring), a checkpoint of another architecture, or
@@ -461,7 +465,9 @@ def train_instance_segmentation(
         save_every_kth_epoch: Also keep ``epoch-<k>.pt`` every k epochs.
         pbar_signals: napari progress signals.
         optimizer_class: Optimizer class.
-        peft_kwargs: Not supported; must be None.
+        peft_kwargs: Parameter-efficient finetuning of the image encoder: arguments of
+            :class:`micro_sam.models.peft_sam.PEFT_Sam`, e.g. ``{"rank": 4, "peft_module": "lora"}`` (see
+            :func:`micro_sam.training.util.get_trainable_sam_model`).
         ignore_warnings: Silence warnings during training.
         overwrite_training: False skips training if ``latest.pt`` already reached the requested iterations.
         strict_decoder_loading: Require a decoder state in the checkpoint to fit exactly.
@@ -514,7 +520,8 @@ def export_instance_segmentation_model(
     The file holds ``{"model_state": <SAM state dict>, "decoder_state": <UNETR decoder state>}``, loadable with
     :func:`micro_sam.util.get_sam_model` and :func:`micro_sam.instance_segmentation.get_predictor_and_decoder`.
     The image encoder comes from the trained UNETR, prompt encoder and mask decoder from the initial model (they
-    were not trained, so the model is meant for automatic segmentation).
+    were not trained, so the model is meant for automatic segmentation). An encoder trained with PEFT
+    (``peft_kwargs``) keeps its PEFT parameters: load the file with the same ``peft_kwargs``.
 
     Args:
         trained_model_path: The trained checkpoint (``checkpoints/<name>/best.pt``).
@@ -526,7 +533,8 @@ def export_instance_segmentation_model(
         ValueError: The trained checkpoint does not fit the model.
     """
     from .._checkpoints import safe_load
-    from ..util import get_sam_model
+    from ..models._peft_layout import infer_peft_kwargs
+    from ..models.peft_sam import PEFT_Sam
 
     state = safe_load(trained_model_path)
     trained = state.get("model_state", state) if isinstance(state, dict) else None
@@ -535,8 +543,14 @@ def export_instance_segmentation_model(
     encoder_state = {k[len("encoder."):]: v for k, v in trained.items() if k.startswith("encoder.")}
     decoder_state = OrderedDict((k, v) for k, v in trained.items() if not k.startswith("encoder"))
 
-    predictor = get_sam_model(model_type=model_type, checkpoint_path=initial_checkpoint_path, device="cpu")
-    model_state = OrderedDict(predictor.model.state_dict())
+    from .. import util  # looked up at call time (tests replace util.get_sam_model)
+
+    predictor = util.get_sam_model(model_type=model_type, checkpoint_path=initial_checkpoint_path, device="cpu")
+    sam = predictor.model
+    peft_kwargs = infer_peft_kwargs({f"image_encoder.{k}": v for k, v in encoder_state.items()})
+    if peft_kwargs is not None:  # the layout of the trained encoder (its PEFT parameters come from the checkpoint)
+        sam = PEFT_Sam(sam, **peft_kwargs).sam
+    model_state = OrderedDict(sam.state_dict())
     own_encoder = [k[len("image_encoder."):] for k in model_state if k.startswith("image_encoder.")]
     missing = [k for k in own_encoder if k not in encoder_state]
     mismatched = [k for k in own_encoder if k in encoder_state
@@ -636,8 +650,6 @@ def train_sam_for_configuration(
 #
 
 def _export_helper(save_root, checkpoint_name, output_path, model_type, with_segmentation_decoder):
-    from ..util import export_custom_sam_model
-
     best = os.path.join(os.getcwd() if save_root is None else os.fspath(save_root), "checkpoints", checkpoint_name,
                         "best.pt")
     if not os.path.exists(best):
@@ -662,85 +674,21 @@ def _parse_segmentation_decoder(segmentation_decoder) -> Tuple[bool, bool]:
                      f"{segmentation_decoder!r}.")
 
 
-def main(argv: Optional[List[str]] = None) -> None:
-    """Command line interface: finetune SAM on images and instance labels (``python -m`` or entry point)."""
-    import argparse
+def main(argv: Optional[List[str]] = None) -> int:
+    """The ``micro_sam.train`` command line: finetune SAM on images and instance labels (see
+    :mod:`micro_sam.training._train_cli` and ``micro_sam.train --help``).
 
-    from torch.utils.data import random_split
+    Args:
+        argv: The arguments; None reads them from ``sys.argv``.
 
-    from .util import get_raw_transform
+    Returns:
+        The exit code: 0 when the model was trained (and exported), 2 for invalid arguments or data (reported in one
+        line before anything is loaded), 1 for a failure during training.
+    """
+    from ._train_cli import main as cli_main
 
-    parser = argparse.ArgumentParser(description="Finetune Segment Anything on microscopy images and labels.")
-    parser.add_argument("--images", required=True, nargs="*", help="Image files, or a folder with --image_key.")
-    parser.add_argument("--labels", required=True, nargs="*", help="Label files, or a folder with --label_key.")
-    parser.add_argument("--image_key", default=None, help="Dataset name in hdf5/zarr files, or a glob pattern.")
-    parser.add_argument("--label_key", default=None, help="Dataset name in hdf5/zarr files, or a glob pattern.")
-    parser.add_argument("--val_images", nargs="*", default=None)
-    parser.add_argument("--val_labels", nargs="*", default=None)
-    parser.add_argument("--val_image_key", default=None)
-    parser.add_argument("--val_label_key", default=None)
-    parser.add_argument("--configuration", default=None,
-                        help=f"Hardware configuration, one of {', '.join(CONFIGURATIONS)}; default: closest match.")
-    parser.add_argument("--segmentation_decoder", default="instances", help="'instances', 'instances_only', 'None'.")
-    parser.add_argument("-d", "--device", default=None)
-    parser.add_argument("--patch_shape", type=int, nargs="*", default=(512, 512))
-    parser.add_argument("-m", "--model_type", default=None)
-    parser.add_argument("--checkpoint_path", default=None)
-    parser.add_argument("-s", "--save_root", default=None)
-    parser.add_argument("--trained_model_name", default="sam_model")
-    parser.add_argument("--output_path", default=None, help="Export the best model to this .pt file.")
-    parser.add_argument("--n_epochs", type=int, default=100)
-    parser.add_argument("--n_iterations", type=int, default=None)
-    parser.add_argument("--num_workers", type=int, default=1)
-    parser.add_argument("--batch_size", type=int, default=None)
-    parser.add_argument("--preprocess", default=None, choices=("normalize_minmax", "normalize_percentile"))
-    parser.add_argument("--resume", action="store_true", help="Continue from latest.pt of this run.")
-    args = parser.parse_args(argv)
-
-    with_decoder, instances_only = _parse_segmentation_decoder(args.segmentation_decoder)
-    raw_transform = get_raw_transform(args.preprocess)
-
-    def one_or_list(paths):
-        return paths[0] if paths and len(paths) == 1 else paths
-
-    dataset_kwargs = dict(patch_shape=args.patch_shape, with_segmentation_decoder=with_decoder,
-                          train_instance_segmentation_only=instances_only, raw_transform=raw_transform)
-    dataset = default_sam_dataset(one_or_list(args.images), args.image_key, one_or_list(args.labels),
-                                  args.label_key, **dataset_kwargs)
-    if args.val_images is None:
-        n_val = max(1, int(0.1 * len(dataset)))
-        train_dataset, val_dataset = random_split(dataset, lengths=[len(dataset) - n_val, n_val])
-    else:
-        train_dataset = dataset
-        val_dataset = default_sam_dataset(one_or_list(args.val_images), args.val_image_key,
-                                          one_or_list(args.val_labels), args.val_label_key, is_train=False,
-                                          **dataset_kwargs)
-    configuration = args.configuration or find_best_configuration()
-    batch_size = args.batch_size or get_training_configuration(configuration, args.model_type)["batch_size"]
-    train_loader = torch_em.segmentation.get_data_loader(train_dataset, batch_size=batch_size, shuffle=True,
-                                                         num_workers=args.num_workers)
-    val_loader = torch_em.segmentation.get_data_loader(val_dataset, batch_size=1, shuffle=True,
-                                                       num_workers=args.num_workers)
-    extra = {"n_epochs": args.n_epochs, "n_iterations": args.n_iterations, "device": args.device,
-             "save_root": args.save_root}
-    if args.resume:
-        extra["load_from_checkpoint"] = "latest"
-    train_sam_for_configuration(
-        name=args.trained_model_name, configuration=configuration, model_type=args.model_type,
-        train_loader=train_loader, val_loader=val_loader, checkpoint_path=args.checkpoint_path,
-        with_segmentation_decoder=with_decoder, train_instance_segmentation_only=instances_only, **extra,
-    )
-    model_type = args.model_type or get_training_configuration(configuration)["model_type"]
-    if instances_only and args.output_path:
-        trained = os.path.join("." if args.save_root is None else args.save_root, "checkpoints",
-                               args.trained_model_name, "best.pt")
-        export_instance_segmentation_model(trained, args.output_path, model_type, args.checkpoint_path)
-        final_path = args.output_path
-    else:
-        final_path = _export_helper(args.save_root, args.trained_model_name, args.output_path, model_type,
-                                    with_decoder)
-    print(f"Training has finished. The trained model is saved at {final_path}.")
+    return cli_main(argv)
 
 
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    raise SystemExit(main())

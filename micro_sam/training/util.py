@@ -127,6 +127,7 @@ def get_trainable_sam_model(
     peft_kwargs: Optional[Dict] = None,
     flexible_load_checkpoint: bool = False,
     embedding_cache_size: int = 0,
+    gradient_checkpointing: bool = False,
     **model_kwargs,
 ) -> TrainableSAM:
     """Load a SAM model for training.
@@ -139,40 +140,65 @@ def get_trainable_sam_model(
         freeze: Parts whose parameters are not trained: any of "image_encoder", "prompt_encoder",
             "mask_decoder" (or a parameter name prefix). None trains everything.
         return_state: Also return the checkpoint's full state (with ``decoder_state`` where present).
-        peft_kwargs: Parameter-efficient finetuning is not supported; must be None.
+        peft_kwargs: Parameter-efficient finetuning: arguments of :class:`micro_sam.models.peft_sam.PEFT_Sam`, e.g.
+            ``{"rank": 4, "peft_module": "lora"}``; the image encoder is frozen except for the PEFT parameters
+            (works for vit_t too). ``quantize=True`` (QLoRA) needs bitsandbytes and a CUDA GPU. The weights of
+            ``model_type`` / ``checkpoint_path`` are loaded first and then wrapped; a checkpoint that already
+            holds these PEFT parameters (a PEFT model trained before) is loaded into the wrapped model.
         flexible_load_checkpoint: Load only the parameters whose names and shapes match.
         embedding_cache_size: With a frozen image encoder, reuse the embeddings of up to this many distinct
             input batches (see :class:`TrainableSAM`); 0: compute them every time.
-        model_kwargs: Further keyword arguments for :func:`micro_sam.util.get_sam_model`.
+        gradient_checkpointing: Recompute the trainable encoder's activations in the backward pass instead of keeping
+            them (see :class:`TrainableSAM`): far less memory when the encoder trains, about a third more compute.
+        model_kwargs: Further keyword arguments for :func:`micro_sam.util.get_sam_model` (``num_multimask_outputs``,
+            ``image_size``).
 
     Returns:
         The :class:`TrainableSAM` (in training mode), and the state with ``return_state``.
 
     Raises:
-        ValueError: The checkpoint holds another architecture than ``model_type`` names, or ``freeze`` names
-            an unknown part.
-        NotImplementedError: ``peft_kwargs`` were given.
+        ValueError: The checkpoint holds another architecture than ``model_type`` names, ``freeze`` names
+            an unknown part, ``freeze`` includes the image encoder together with ``peft_kwargs``, or the PEFT
+            settings are invalid.
     """
-    if peft_kwargs:
-        raise NotImplementedError("Parameter-efficient finetuning (peft_kwargs) is not supported by this package.")
+    from .._checkpoints import CheckpointError
+    from ..models.peft_sam import PEFT_Sam, check_peft_kwargs
+
+    peft_kwargs = check_peft_kwargs(peft_kwargs, model_type) if peft_kwargs else None
+    if peft_kwargs and freeze is not None and "image_encoder" in ([freeze] if isinstance(freeze, str) else freeze):
+        raise ValueError("PEFT trains parts of the image encoder: freeze=['image_encoder'] and peft_kwargs cannot "
+                         "be combined (freeze 'prompt_encoder' / 'mask_decoder' instead, or drop peft_kwargs).")
     device = get_device(device)
+    load = dict(model_type=model_type, device=device, checkpoint_path=checkpoint_path, return_sam=True,
+                return_state=True, flexible_load_checkpoint=flexible_load_checkpoint, **model_kwargs)
     with warnings.catch_warnings():
         # A mismatch between model_type and the checkpoint is an error here, reported below.
         warnings.filterwarnings("ignore", message=".*asks for.*building a.*")
-        predictor, sam, state = get_sam_model(
-            model_type=model_type, device=device, checkpoint_path=checkpoint_path, return_sam=True,
-            return_state=True, flexible_load_checkpoint=flexible_load_checkpoint, **model_kwargs,
-        )
+        try:
+            predictor, sam, state = get_sam_model(**load)
+            wrap = bool(peft_kwargs)
+        except CheckpointError:
+            if not peft_kwargs:
+                raise
+            # a checkpoint of a PEFT model: load it into the wrapped model
+            if peft_kwargs.get("quantize"):
+                raise ValueError("quantize=True starts QLoRA from the base model's weights; the checkpoint already "
+                                 "holds PEFT parameters. Pass the base model as checkpoint_path.") from None
+            predictor, sam, state = get_sam_model(peft_kwargs=peft_kwargs, **load)
+            wrap = False
     if predictor.model_type != model_type[:5]:
         raise ValueError(
             f"The checkpoint {os.fspath(checkpoint_path)!r} holds a {predictor.model_type} model, but model_type "
             f"{model_type!r} asks for {model_type[:5]}. Pass model_type={predictor.model_type!r} to train it."
         )
+    if wrap:
+        sam = PEFT_Sam(sam, **peft_kwargs).sam.to(device)
     for part in _check_freeze(freeze, sam):
         for name, parameter in sam.named_parameters():
             if name.startswith(part):
                 parameter.requires_grad_(False)
-    model = TrainableSAM(sam, embedding_cache_size=embedding_cache_size).train()
+    model = TrainableSAM(sam, embedding_cache_size=embedding_cache_size,
+                         gradient_checkpointing=gradient_checkpointing).train()
     if return_state:
         return model, state
     return model

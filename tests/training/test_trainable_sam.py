@@ -108,8 +108,9 @@ def test_get_trainable_sam_model_freezes_and_checks(vit_t_checkpoint):
         get_trainable_sam_model("vit_b", device="cpu", checkpoint_path=vit_t_checkpoint)
     with pytest.raises(ValueError, match="Cannot freeze 'encoder'.*image_encoder, prompt_encoder, mask_decoder"):
         get_trainable_sam_model("vit_t", device="cpu", checkpoint_path=vit_t_checkpoint, freeze="encoder")
-    with pytest.raises(NotImplementedError):
-        get_trainable_sam_model("vit_t", device="cpu", checkpoint_path=vit_t_checkpoint, peft_kwargs={"rank": 2})
+    with pytest.raises(ValueError, match="freeze=\\['image_encoder'\\] and peft_kwargs cannot be combined"):
+        get_trainable_sam_model("vit_t", device="cpu", checkpoint_path=vit_t_checkpoint, peft_kwargs={"rank": 2},
+                                freeze=["image_encoder"])
 
 
 def test_frozen_parts_to_eval_switches_only_fully_frozen_submodules():
