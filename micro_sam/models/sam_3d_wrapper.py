@@ -219,3 +219,15 @@ class NDBlockWrapper(nn.Module):
         x = shortcut + tokens
         x = self._adapter(x, d_size, "_2")
         return x + block.mlp(block.norm2(x))
+
+
+# Names micro_sam 1.8 exposes here (imported there from other modules), resolved on first use.
+from .._lazy import lazy_attributes  # noqa: E402
+
+__getattr__, __dir__ = lazy_attributes(globals(), {
+    "LoRASurgery": "micro_sam.models.peft_sam:LoRASurgery",
+    "Sam": "segment_anything.modeling:Sam",
+    "get_sam_model": "micro_sam.util:get_sam_model",
+    "window_partition": "segment_anything.modeling.image_encoder:window_partition",
+    "window_unpartition": "segment_anything.modeling.image_encoder:window_unpartition",
+})

@@ -172,3 +172,12 @@ class SimpleSam3DWrapper(nn.Module):
             out = decoder(out)
         logits = self.out_conv(out)
         return [{"masks": mask.unsqueeze(0)} for mask in logits]
+
+
+# Names micro_sam 1.8 exposes here (imported there from other modules), resolved on first use.
+from .._lazy import lazy_attributes  # noqa: E402
+
+__getattr__, __dir__ = lazy_attributes(globals(), {
+    "LoRASurgery": "micro_sam.models.peft_sam:LoRASurgery",
+    "get_sam_model": "micro_sam.util:get_sam_model",
+})

@@ -163,3 +163,12 @@ class SemanticMapsSamTrainer(SemanticSamTrainer):
 
     def _compute_loss(self, y: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         return self.loss(y.to(self.device, non_blocking=True), masks)
+
+
+# Names micro_sam 1.8 exposes here (imported there from other modules), resolved on first use.
+from .._lazy import lazy_attributes  # noqa: E402
+
+__getattr__, __dir__ = lazy_attributes(globals(), {
+    "DefaultTrainer": "torch_em.trainer:DefaultTrainer",
+    "DiceLoss": "torch_em.loss:DiceLoss",
+})
