@@ -324,8 +324,11 @@ def render_cells(
     n_objects: int,
     radius_range: Tuple[float, float],
     dtype,
+    strict: bool = True,
 ) -> Tuple[np.ndarray, np.ndarray]:
     """Render densely packed cells with textured cytoplasm and a dim nucleus; returns (image, labels).
+
+    ``strict``: raise when not all ``n_objects`` cells fit; otherwise render the ones that did.
 
     Every pixel belongs to the cell of its nearest seed point (on a smoothly warped grid, which makes the
     shared boundaries curved) if it lies inside that cell's irregular ellipse. Neighbouring cells therefore

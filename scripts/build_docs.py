@@ -244,7 +244,7 @@ def public_modules(package: str = PACKAGE) -> Tuple[List[str], Dict[str, str]]:
 def undocumented(module_names: Iterable[str]) -> List[str]:
     """Public functions and classes (and public methods of public classes) without a docstring.
 
-    Public means: listed in the module's ``__all__``, or, without ``__all__``, defined in the module and not
+    Public means: listed in the module's ``__all__`` (and defined in this package), or, without ``__all__``, defined in the module and not
     starting with an underscore. Methods count when they are defined in the class itself (inherited and
     ``__dunder__`` methods do not).
     """
@@ -258,7 +258,8 @@ def undocumented(module_names: Iterable[str]) -> List[str]:
         exported = getattr(module, "__all__", None)
         for attribute, value in sorted(vars(module).items()):
             if exported is not None:
-                if attribute not in exported:
+                # Names re-exported from other packages (e.g. segment_anything's SamPredictor) are theirs to document.
+                if attribute not in exported or not str(getattr(value, "__module__", "")).startswith(PACKAGE):
                     continue
             elif attribute.startswith("_") or getattr(value, "__module__", None) != name:
                 continue
