@@ -131,7 +131,9 @@ def _check_signature(f, expected: Dict[str, Any], save_path) -> None:
         saved, new = attrs.get(key), expected[key]
         if key in ("tile_shape", "halo"):
             saved = _as_list(saved)
-        if key == "model_hash" and (saved is None or new is None):
+        if key in ("model_hash", "model_type") and (saved is None or new is None):
+            # Not recorded (yet): another process that writes the same cache at this moment may not have stored
+            # its model attributes; an absent value proves no mismatch.
             continue
         if saved != new:
             what = {"data_signature": "image data"}.get(key, key)
