@@ -93,6 +93,7 @@ class PredictorAdaptor(nn.Module):
         # are the ones micro_sam computes
         array = image[0].detach().cpu().numpy().transpose(1, 2, 0)
         array = np.clip(np.round(array), 0, 255).astype("uint8") if array.dtype != np.uint8 else array
+        self._image = array  # AIS judges the image itself (an image without signal has no objects)
         if embeddings is not None:
             self.sam.reset_image()
             self.sam.features = embeddings.to(next(self.sam_model.parameters()).device, torch.float32)
@@ -113,8 +114,7 @@ class PredictorAdaptor(nn.Module):
         segmenter = InstanceSegmentationWithDecoder(self.sam, self.decoder)
         embeddings = {"features": self.sam.features, "input_size": tuple(self.sam.input_size),
                       "original_size": tuple(self.sam.original_size)}
-        height, width = self.sam.original_size
-        segmenter.initialize(np.zeros((height, width), dtype="uint8"), image_embeddings=embeddings)
+        segmenter.initialize(self._image, image_embeddings=embeddings)
         segmentation = np.asarray(segmenter.generate(output_mode="instance_segmentation"))
         ids = np.unique(segmentation)
         ids = ids[ids != 0]
