@@ -3,7 +3,8 @@
 A tool (2D, 3D, later tracking / object classification) subclasses :class:`_AnnotatorBase` and implements
 ``_get_widgets`` (a dict of name -> widget, built by the factories in ``_widgets`` etc.). The base provides what
 the widgets need: ``viewer``, ``state`` (an :class:`~micro_sam.sam_annotator._state.AnnotatorState`),
-``tasks`` (a :class:`~micro_sam.sam_annotator._background.TaskRunner` for long work) and
+``tasks`` (a :class:`~micro_sam.sam_annotator._background.TaskRunner` for long work),
+:meth:`_AnnotatorBase.ready` (the check before a widget starts work: not busy, embeddings there) and
 :meth:`_AnnotatorBase.image_changed` (called when a new image with embeddings is set).
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 from qtpy import QtWidgets
 
 from . import _layers
-from ._background import TaskRunner, show_error
+from ._background import TaskRunner, show_error, show_warning
 from ._state import AnnotatorState
 
 
@@ -129,6 +130,26 @@ class _AnnotatorBase(QtWidgets.QScrollArea):
             update = getattr(widget, "_on_image_changed", None)
             if update is not None:
                 update()
+
+    def ready(self, need_embeddings: bool = True, restore_layers: bool = False) -> bool:
+        """Whether new work can start now; when not, the reason is shown as a napari notification.
+
+        Args:
+            need_embeddings: The work needs the image embeddings (else only an idle tool is required).
+            restore_layers: When ready, add the tool's layers that the user deleted (:meth:`require_layers`).
+
+        Returns:
+            False while background work runs, or with ``need_embeddings`` while there are no embeddings.
+        """
+        if self.tasks.busy:
+            show_warning("Please wait: the tool is still computing (see the progress bar).")
+            return False
+        if need_embeddings and not self.state.initialized_for_interactive_segmentation():
+            show_error("The image embeddings are not computed yet: press 'Compute Embeddings' first.")
+            return False
+        if restore_layers:
+            self.require_layers()
+        return True
 
     def run_checked(self, action, *args, **kwargs):
         """Run ``action``; a ValueError / RuntimeError is shown as an error message instead of raised."""

@@ -61,8 +61,7 @@ def compute_embeddings(
     Invalid settings are reported before any work starts. Returns the worker (None if nothing started).
     """
     state = tool.state
-    if tool.tasks.busy:
-        show_warning("Please wait: the tool is still computing (see the progress bar).")
+    if not tool.ready(need_embeddings=False):
         return None
     if image_layer is None:
         show_error("There is no image layer to compute embeddings for; open an image first.")
@@ -210,13 +209,9 @@ class AutoSegmentWidget(Container):
         from ._widgets import current_slice
 
         tool = self._tool
+        if not tool.ready():
+            return None
         state, viewer = tool.state, tool.viewer
-        if tool.tasks.busy:
-            show_warning("Please wait: the tool is still computing (see the progress bar).")
-            return None
-        if not state.initialized_for_interactive_segmentation():
-            show_error("The image embeddings are not computed yet: press 'Compute Embeddings' first.")
-            return None
         self._on_image_changed()
         kwargs, min_size = self._generate_kwargs(), self.min_object_size.value
         whole_volume = self.volumetric and self.apply_to_volume.value

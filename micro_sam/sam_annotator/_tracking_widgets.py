@@ -17,7 +17,7 @@ from ..multi_dimensional_segmentation import PROJECTION_MODES
 from . import _commit, _layers
 from . import util as vutil
 from ._background import show_error, show_info, show_warning
-from ._widgets import _commit_attrs, _ready_for_prompts, _Snapshot, current_slice
+from ._widgets import _commit_attrs, _Snapshot, current_slice
 
 #: The track states of a prompt and their face colours (track: cyan, division: magenta).
 TRACK_STATES = ("track", "division")
@@ -167,7 +167,7 @@ def add_daughters(tool, mother: int) -> List[int]:
 # --- segment a frame and track the object -----------------------------------------------------------------------
 def segment_frame(tool) -> bool:
     """Segment the current track's object in the current frame from its prompts into ``current_object``."""
-    if not _ready_for_prompts(tool):
+    if not tool.ready(restore_layers=True):
         return False
     viewer, state, track_id = tool.viewer, tool.state, tool.current_track_id
     t = current_slice(viewer)
@@ -220,7 +220,7 @@ def track_object_widget(tool):
     )
     def track_object(projection: str = "single_point", iou_threshold: float = 0.5, box_extension: float = 0.05,
                      motion_smoothing: float = 0.5):
-        if not _ready_for_prompts(tool):
+        if not tool.ready(restore_layers=True):
             return None
         state, viewer, track_id = tool.state, tool.viewer, tool.current_track_id
         points, shapes = (_Snapshot(viewer.layers[name]) for name in (_layers.POINT_LAYER, _layers.SHAPE_LAYER))
@@ -289,13 +289,9 @@ def auto_track_widget(tool):
             if not self.run_tracking.value:
                 self.apply_to_volume.value = False
                 return super().__call__()
+            if not tool.ready():
+                return None
             state, viewer = tool.state, tool.viewer
-            if tool.tasks.busy:
-                show_warning("Please wait: the tool is still computing (see the progress bar).")
-                return None
-            if not state.initialized_for_interactive_segmentation():
-                show_error("The image embeddings are not computed yet: press 'Compute Embeddings' first.")
-                return None
             self._on_image_changed()
             kwargs, min_size = self._generate_kwargs(), self.min_object_size.value
             gap_closing, model = self.gap_closing.value or None, self.tracking_model.value

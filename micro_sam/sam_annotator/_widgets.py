@@ -25,18 +25,6 @@ def current_slice(viewer) -> int:
     return int(np.clip(np.round(position[0]), 0, layer.data.shape[0] - 1))
 
 
-def _ready_for_prompts(tool) -> bool:
-    """Whether interactive segmentation can run now; otherwise say why."""
-    if tool.tasks.busy:
-        show_warning("Please wait: the tool is still computing (see the progress bar).")
-        return False
-    if not tool.state.initialized_for_interactive_segmentation():
-        show_error("The image embeddings are not computed yet: press 'Compute Embeddings' first.")
-        return False
-    tool.require_layers()
-    return True
-
-
 @contextmanager
 def _one_torch_thread():
     """Run a click's segmentation (prompt encoder and mask decoder: a few ms of work) on one torch thread.
@@ -90,7 +78,7 @@ def prompt_menu(tool):
 # --- interactive segmentation ----------------------------------------------------------------------------
 def segment_2d(tool, batched: bool = False) -> bool:
     """Segment the object(s) of the current prompts in a 2D tool into ``current_object``."""
-    if not _ready_for_prompts(tool):
+    if not tool.ready(restore_layers=True):
         return False
     viewer, state = tool.viewer, tool.state
     shape = state.image_shape
@@ -111,7 +99,7 @@ def segment_2d(tool, batched: bool = False) -> bool:
 
 def segment_slice(tool) -> bool:
     """Segment the object of the prompts in the current slice of a 3D tool into that slice of ``current_object``."""
-    if not _ready_for_prompts(tool):
+    if not tool.ready(restore_layers=True):
         return False
     viewer, state = tool.viewer, tool.state
     z = current_slice(viewer)
@@ -176,7 +164,7 @@ def segment_nd_widget(tool):
                        "tooltip": "Enlarge the projected box by this fraction of its size."},
     )
     def segment_nd(projection: str = "single_point", iou_threshold: float = 0.5, box_extension: float = 0.05):
-        if not _ready_for_prompts(tool):
+        if not tool.ready(restore_layers=True):
             return None
         state, viewer = tool.state, tool.viewer
         points, shapes = (_Snapshot(viewer.layers[name]) for name in (_layers.POINT_LAYER, _layers.SHAPE_LAYER))

@@ -140,9 +140,7 @@ class _ImageSeries:
 
     def go(self, step: int):
         """Save the current image's objects and open the next (+1) or previous (-1) image in the background."""
-        tool = self.tool
-        if tool.tasks.busy:
-            show_warning("Please wait: the tool is still computing (see the progress bar).")
+        if not self.tool.ready(need_embeddings=False):
             return None
         if not self.save_current():
             return None

@@ -100,14 +100,9 @@ def train_and_predict(tool):
     Returns:
         The worker, or None when nothing was started.
     """
+    if not tool.ready(restore_layers=True):
+        return None
     state, viewer = tool.state, tool.viewer
-    if tool.tasks.busy:
-        show_warning("Please wait: the tool is still computing (see the progress bar).")
-        return None
-    if not state.initialized_for_interactive_segmentation():
-        show_error("The image embeddings are not computed yet: press 'Compute Embeddings' first.")
-        return None
-    tool.require_layers()
     layer = tool.segmentation_selection.value
     if layer is None:
         show_error("There is no segmentation layer: add the label image of the objects to classify.")
@@ -454,10 +449,9 @@ class _ClassifierSeries:
     def next(self):
         """Save the results of the current image and open the next one (in the background)."""
         tool = self.tool
-        state, viewer = tool.state, tool.viewer
-        if tool.tasks.busy:
-            show_warning("Please wait: the tool is still computing (see the progress bar).")
+        if not tool.ready(need_embeddings=False):
             return None
+        state, viewer = tool.state, tool.viewer
         if state.object_rf is None:
             show_warning("No classifier was trained on this image: its prediction is empty.")
         i = self.index

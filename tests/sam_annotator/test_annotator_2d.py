@@ -222,6 +222,30 @@ def test_bad_input_gives_messages_and_changes_nothing(tool_2d, nuclei_2d, tmp_pa
         assert part in stderr, (part, stderr)
 
 
+def test_nothing_starts_while_the_tool_computes(tool_2d, nuclei_2d, notifications):
+    """While background work runs, S, automatic segmentation and 'Compute Embeddings' start nothing and say why."""
+    import threading
+
+    viewer, tool = tool_2d
+    _, labels = nuclei_2d
+    release = threading.Event()
+    tool.tasks.run(lambda pbar_init, pbar_update: release.wait(60), "Blocking work")
+    try:
+        assert tool.tasks.busy and not tool.ready(need_embeddings=False)
+        viewer.layers["point_prompts"].add(object_center(labels, largest_objects(labels, 1)[0]))
+        press(viewer, "s")
+        assert tool.widgets["autosegment"]() is None and tool.widgets["embeddings"]() is None
+        assert not viewer.layers["current_object"].data.any() and not viewer.layers["auto_segmentation"].data.any()
+    finally:
+        release.set()
+        wait_for(tool)
+    waits = [text for severity, text in notifications() if severity == "warning" and "Please wait" in text]
+    assert len(waits) == 4, notifications()  # ready() above, S, automatic segmentation, embeddings
+    assert tool.ready()  # idle, with embeddings
+    press(viewer, "s")
+    assert viewer.layers["current_object"].data.any()
+
+
 def test_annotator_2d_rejects_a_volume_before_loading_a_model(monkeypatch):
     def no_model(*args, **kwargs):
         raise AssertionError("the model must not be loaded for a wrong image")
