@@ -158,3 +158,21 @@ class _AnnotatorBase(QtWidgets.QScrollArea):
         except (ValueError, RuntimeError) as error:
             show_error(str(error))
             return None
+
+
+def show_or_return(viewer, return_viewer: bool):
+    """The end of every annotator function: return the viewer, or run napari until the viewer is closed.
+
+    Args:
+        viewer: The napari viewer with the tool.
+        return_viewer: Return the viewer at once (for scripts and tests that drive it).
+
+    Returns:
+        The viewer with ``return_viewer``; else None, after the viewer was closed.
+    """
+    if return_viewer:
+        return viewer
+    import napari
+
+    napari.run()
+    return None

@@ -8,7 +8,7 @@ import numpy as np
 
 from .. import util
 from . import _embedding_widget, _widgets
-from ._annotator import _AnnotatorBase
+from ._annotator import _AnnotatorBase, show_or_return
 from ._state import AnnotatorState
 
 
@@ -134,16 +134,11 @@ def annotator_2d(
         ValueError: An image that is not 2D, invalid tiling, or an unknown model.
         RuntimeError: Cached embeddings of another image / model / tiling.
     """
-    import napari
-
     state = _prepare_state(image, 2, embedding_path, model_type, tile_shape, halo, precompute_amg_state,
                            checkpoint_path, decoder_path, device, prefer_decoder)
     viewer, _ = _start_tool(Annotator2d, image, state, viewer, segmentation_result, commit_path, model_type,
                             embedding_path, checkpoint_path, device, tile_shape, halo)
-    if return_viewer:
-        return viewer
-    napari.run()
-    return None
+    return show_or_return(viewer, return_viewer)
 
 
 def _run_cli(description: str, start, argv: Optional[List[str]]) -> int:

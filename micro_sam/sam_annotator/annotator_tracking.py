@@ -18,7 +18,7 @@ import numpy as np
 
 from .. import util
 from . import _embedding_widget, _tracking_widgets, _widgets
-from ._annotator import _AnnotatorBase
+from ._annotator import _AnnotatorBase, show_or_return
 from ._state import AnnotatorState
 from ._tracking_widgets import create_tracking_menu
 from .annotator_2d import _prepare_state, _start_tool
@@ -136,16 +136,11 @@ def annotator_tracking(
         ValueError: A movie that is not (T, Y, X[, C]), invalid tiling, or an unknown model.
         RuntimeError: Cached embeddings of another movie / model / tiling.
     """
-    import napari
-
     state = _prepare_state(image, 3, embedding_path, model_type, tile_shape, halo, precompute_amg_state,
                            checkpoint_path, decoder_path, device, True)
     viewer, _ = _start_tool(AnnotatorTracking, image, state, viewer, None, commit_path, model_type,
                             embedding_path, checkpoint_path, device, tile_shape, halo)
-    if return_viewer:
-        return viewer
-    napari.run()
-    return None
+    return show_or_return(viewer, return_viewer)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

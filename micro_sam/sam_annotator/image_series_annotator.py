@@ -18,6 +18,7 @@ from magicgui.widgets import Container
 
 from .. import util
 from . import _layers
+from ._annotator import show_or_return
 from ._background import show_error, show_info, show_warning
 from .annotator_2d import Annotator2d, _prepare_state, _start_tool
 from .annotator_3d import Annotator3d
@@ -260,8 +261,6 @@ def image_series_annotator(
     Raises:
         ValueError: No images, a number of initial segmentations that does not match, unreadable images.
     """
-    import napari
-
     series = _ImageSeries(images, output_folder, embedding_path, initial_segmentations, is_volumetric,
                           skip_segmented, tile_shape, halo)
     first = series.next_index(0, 1)
@@ -286,10 +285,7 @@ def image_series_annotator(
     tool._series = series
     for message in skipped:
         show_error(f"Skipped {message}")
-    if return_viewer:
-        return viewer
-    napari.run()
-    return None
+    return show_or_return(viewer, return_viewer)
 
 
 def _image_files(folder, pattern: str) -> List[str]:
@@ -338,8 +334,6 @@ def image_folder_annotator(
     Raises:
         ValueError: A missing folder, or no image files in it.
     """
-    import napari
-
     images, note = _image_files(input_folder, pattern)
     initial = None
     if initial_segmentation_folder is not None:
@@ -353,10 +347,7 @@ def image_folder_annotator(
             show_warning(note)
     if viewer is None:
         return None
-    if return_viewer:
-        return viewer
-    napari.run()
-    return None
+    return show_or_return(viewer, return_viewer)
 
 
 class ImageSeriesAnnotator(Container):

@@ -23,7 +23,7 @@ import numpy as np
 from .. import object_classification as oc
 from .. import util
 from . import _embedding_widget
-from ._annotator import _AnnotatorBase
+from ._annotator import _AnnotatorBase, show_or_return
 from ._background import show_error, show_info, show_warning
 from ._state import AnnotatorState, spatial_shape
 
@@ -383,16 +383,11 @@ def object_classifier(
         ValueError: A segmentation that does not match the image, an image that is not 2D / 3D, invalid tiling
             or an unknown model (before the model is loaded where possible).
     """
-    import napari
-
     ndim = _checked_inputs(image, segmentation, ndim)
     state = _prepare_state(image, ndim, embedding_path, model_type, tile_shape, halo, checkpoint_path, device)
     viewer, _ = _open(image, segmentation, state, viewer, model_type, embedding_path, checkpoint_path, device,
                       tile_shape, halo)
-    if return_viewer:
-        return viewer
-    napari.run()
-    return None
+    return show_or_return(viewer, return_viewer)
 
 
 class _ClassifierSeries:
@@ -549,8 +544,6 @@ def image_series_object_classifier(
         ValueError: Different numbers of images and segmentations, an empty series, or a first image and
             segmentation that do not fit together.
     """
-    import napari
-
     series = _ClassifierSeries(images, segmentations, output_folder, embedding_paths, tile_shape, halo, ndim)
     image, segmentation = series.read(0)
     ndim = _checked_inputs(image, segmentation, ndim)
@@ -561,7 +554,4 @@ def image_series_object_classifier(
                          device, tile_shape, halo)
     series.attach(tool)
     tool._series = series
-    if return_viewer:
-        return viewer
-    napari.run()
-    return None
+    return show_or_return(viewer, return_viewer)

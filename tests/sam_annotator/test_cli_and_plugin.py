@@ -71,6 +71,25 @@ def test_command_line_refuses_embeddings_of_another_image(tmp_path, capsys, cach
     assert sorted(os.listdir(cache)) == before  # nothing was written
 
 
+def test_command_line_runs_napari_until_the_viewer_is_closed(tmp_path, monkeypatch, cached_demo_model):
+    """Without return_viewer (as on the command line) the tool opens and napari's event loop runs; the command
+    returns 0 once the viewer is closed."""
+    import napari
+
+    image = tmp_path / "image.tif"
+    tifffile.imwrite(image, np.random.default_rng(0).integers(0, 255, (48, 48), dtype="uint8"))
+    shown = []
+
+    def run():  # napari's event loop, here: note what is shown, then close the viewer as a user would
+        viewer = napari.current_viewer()
+        shown.append((viewer.layers["image"].data.shape, "committed_objects" in viewer.layers))
+        viewer.close()
+
+    monkeypatch.setattr(napari, "run", run)
+    assert annotator_2d.main(["-i", str(image), "-m", "vit_t_demo", "-d", "cpu"]) == 0
+    assert shown == [((48, 48), True)]
+
+
 def test_napari_manifest_and_sample_data():
     import tomllib
     from npe2 import PluginManifest
