@@ -1,5 +1,52 @@
-"""Driving the tools as a user does: key presses on the canvas, waiting for background work."""
+"""Setting up and driving the tools as a user does: a viewer with a tool docked, key presses on the canvas,
+waiting for background work."""
+from contextlib import contextmanager
+
 import numpy as np
+
+
+def demo_state(demo_model, ndim: int, image=None, embedding_path=None):
+    """An ``AnnotatorState`` with the bundled vit_t_demo (the ``demo_model`` fixture: predictor, decoder).
+
+    The state's model is what the embedding widget asks for with vit_t_demo on the CPU (the widget does not reload
+    it). With ``image``, the image's embeddings are computed (and cached in ``embedding_path``, e.g. a zarr folder
+    under a tmp path).
+    """
+    from micro_sam.sam_annotator._state import AnnotatorState
+
+    predictor, decoder = demo_model
+    state = AnnotatorState(ndim=ndim)
+    state.set_model(predictor, decoder)
+    state.model_key = ("vit_t_demo", None, "cpu", True, None)
+    if image is not None:
+        state.compute_embeddings(image, embedding_path, verbose=False)
+    return state
+
+
+@contextmanager
+def docked_tool(tool_class, image, state, image_name: str = "image"):
+    """A viewer (not shown) with ``image`` and the tool ``tool_class`` on ``state`` docked; closed at the end.
+
+    Yields:
+        (viewer, tool).
+    """
+    import napari
+
+    viewer = napari.Viewer(show=False)
+    try:
+        viewer.add_image(image, name=image_name)
+        tool = tool_class(viewer, state=state)
+        viewer.window.add_dock_widget(tool)
+        yield viewer, tool
+    finally:
+        viewer.close()
+
+
+def fresh(session):
+    """The (viewer, tool) of a module's shared session with empty layers and no prompts, for the next test."""
+    viewer, tool = session
+    tool.image_changed()
+    return viewer, tool
 
 
 def press(viewer, key: str, shift: bool = False) -> None:

@@ -7,10 +7,9 @@ from micro_sam import util
 from micro_sam.instance_segmentation import TiledAutomaticMaskGenerator, TiledInstanceSegmentationWithDecoder
 from micro_sam.prompt_based_segmentation import segment_from_box, segment_from_points
 from micro_sam.sam_annotator import _commit
-from micro_sam.sam_annotator._state import AnnotatorState
 from micro_sam.sam_annotator.annotator_2d import Annotator2d, annotator_2d
 
-from ._helpers import largest_objects, object_center, press, wait_for
+from ._helpers import demo_state, docked_tool, fresh, largest_objects, object_center, press, wait_for
 from .conftest import iou
 
 # one worker runs the module (pytest-xdist --dist loadgroup): the viewer and embeddings are made once
@@ -20,33 +19,20 @@ pytestmark = pytest.mark.xdist_group("sam_annotator_2d")
 @pytest.fixture(scope="module")
 def session_2d(demo_model, nuclei_2d):
     """One viewer with the 2D tool on the test image; the embeddings come from the embedding widget."""
-    import napari
-
-    predictor, decoder = demo_model
-    image, _ = nuclei_2d
-    viewer = napari.Viewer(show=False)
-    viewer.add_image(image, name="nuclei")
-    state = AnnotatorState(ndim=2)
-    state.set_model(predictor, decoder)
-    state.model_key = ("vit_t_demo", None, "cpu", True, None)  # what the widget asks for: no reload
-    tool = Annotator2d(viewer, state=state)
-    viewer.window.add_dock_widget(tool)
-    widget = tool.widgets["embeddings"]
-    widget.model_type.value, widget.device.value = "vit_t_demo", "cpu"
-    worker = widget()
-    assert worker is not None and tool.tasks.busy
-    wait_for(tool)
-    yield viewer, tool
-    viewer.close()
+    with docked_tool(Annotator2d, nuclei_2d[0], demo_state(demo_model, 2), "nuclei") as (viewer, tool):
+        widget = tool.widgets["embeddings"]
+        widget.model_type.value, widget.device.value = "vit_t_demo", "cpu"
+        worker = widget()
+        assert worker is not None and tool.tasks.busy
+        wait_for(tool)
+        yield viewer, tool
 
 
 @pytest.fixture
 def tool_2d(session_2d):
     """The 2D tool with empty layers and no prompts."""
-    viewer, tool = session_2d
-    tool.widgets["commit"].commit_path.value = None
-    tool.image_changed()
-    return viewer, tool
+    session_2d[1].widgets["commit"].commit_path.value = None
+    return fresh(session_2d)
 
 
 def test_embedding_widget_computes_the_library_embeddings(tool_2d, demo_model, nuclei_2d):
@@ -99,8 +85,6 @@ def test_point_and_box_prompts_give_the_library_masks(tool_2d, nuclei_2d):
 
 
 def test_commit_and_resume_from_commit_path(tool_2d, nuclei_2d, tmp_path, notifications):
-    import napari
-
     viewer, tool = tool_2d
     _, labels = nuclei_2d
     commit_path = tmp_path / "commits.zarr"
@@ -126,19 +110,13 @@ def test_commit_and_resume_from_commit_path(tool_2d, nuclei_2d, tmp_path, notifi
     assert "point_prompts" in zarr.open_group(str(commit_path), mode="r")["prompts/1"]
 
     # a new session on the same image continues from the commit file
-    second_viewer = napari.Viewer(show=False)
-    try:
-        second_viewer.add_image(nuclei_2d[0], name="nuclei")
-        state = AnnotatorState(ndim=2)
-        state.set_model(tool.state.predictor, tool.state.decoder)
-        state.set_embeddings(nuclei_2d[0], tool.state.image_embeddings)
-        second = Annotator2d(second_viewer, state=state)
+    state = demo_state((tool.state.predictor, tool.state.decoder), 2)
+    state.set_embeddings(nuclei_2d[0], tool.state.image_embeddings)
+    with docked_tool(Annotator2d, nuclei_2d[0], state, "nuclei") as (second_viewer, second):
         second.image_changed()
         second.widgets["commit"].commit_path.value = str(commit_path)
         np.testing.assert_array_equal(second_viewer.layers["committed_objects"].data, committed)
         assert any("Loaded 2 committed objects" in text for _, text in notifications())
-    finally:
-        second_viewer.close()
 
 
 def test_automatic_segmentation_ais_and_commit(tool_2d, nuclei_2d):
@@ -272,19 +250,12 @@ def test_screenshot_after_segmentation(tool_2d, nuclei_2d, tmp_path):
 @pytest.mark.slow
 def test_tiled_embeddings_amg_and_ais(demo_model, nuclei_2d):
     """Tiled embeddings from the widget; a point prompt and AIS on the tiles; AMG for a model without decoder."""
-    import napari
-
     from micro_sam.evaluation.metrics import mean_segmentation_accuracy
 
     predictor, decoder = demo_model
     image, labels = nuclei_2d
-    viewer = napari.Viewer(show=False)
-    try:
-        viewer.add_image(image, name="nuclei")
-        state = AnnotatorState(ndim=2)
-        state.set_model(predictor, decoder)
-        state.model_key = ("vit_t_demo", None, "cpu", True, None)
-        tool = Annotator2d(viewer, state=state)
+    state = demo_state(demo_model, 2)
+    with docked_tool(Annotator2d, image, state, "nuclei") as (viewer, tool):
         widget = tool.widgets["embeddings"]
         widget.model_type.value, widget.device.value = "vit_t_demo", "cpu"
         widget.tile_shape.value, widget.halo.value = (384, 384), (64, 64)
@@ -330,8 +301,6 @@ def test_tiled_embeddings_amg_and_ais(demo_model, nuclei_2d):
                                                   min_object_size=autosegment.min_object_size.value)
         np.testing.assert_array_equal(auto, expected)
         assert auto.max() > 0.3 * labels.max()  # (47 of the 96 nuclei with the demo model on these tiles)
-    finally:
-        viewer.close()
 
 
 def test_embeddings_cached_for_another_model_or_image_are_refused_in_the_viewer(tool_2d, nuclei_2d, tmp_path,

@@ -8,10 +8,9 @@ from micro_sam import util
 from micro_sam.instance_segmentation import InstanceSegmentationWithDecoder
 from micro_sam.multi_dimensional_segmentation import automatic_3d_segmentation, segment_mask_in_volume
 from micro_sam.prompt_based_segmentation import segment_from_points
-from micro_sam.sam_annotator._state import AnnotatorState
 from micro_sam.sam_annotator.annotator_3d import Annotator3d, annotator_3d
 
-from ._helpers import largest_objects, object_center, press, wait_for
+from ._helpers import demo_state, docked_tool, fresh, largest_objects, object_center, press, wait_for
 from .conftest import iou
 
 # one worker runs the module (pytest-xdist --dist loadgroup): the viewer and embeddings are made once
@@ -20,26 +19,15 @@ pytestmark = pytest.mark.xdist_group("sam_annotator_3d")
 
 @pytest.fixture(scope="module")
 def session_3d(demo_model, nuclei_3d, tmp_path_factory):
-    import napari
-
-    predictor, decoder = demo_model
     volume, _ = nuclei_3d
-    state = AnnotatorState(ndim=3)
-    state.set_model(predictor, decoder)
-    state.compute_embeddings(volume, tmp_path_factory.mktemp("embeddings") / "volume.zarr", verbose=False)
-    viewer = napari.Viewer(show=False)
-    viewer.add_image(volume, name="volume")
-    tool = Annotator3d(viewer, state=state)
-    viewer.window.add_dock_widget(tool)
-    yield viewer, tool
-    viewer.close()
+    state = demo_state(demo_model, 3, volume, tmp_path_factory.mktemp("embeddings") / "volume.zarr")
+    with docked_tool(Annotator3d, volume, state, "volume") as session:
+        yield session
 
 
 @pytest.fixture
 def tool_3d(session_3d):
-    viewer, tool = session_3d
-    tool.image_changed()
-    return viewer, tool
+    return fresh(session_3d)
 
 
 def _object_in_middle(labels):
@@ -144,13 +132,11 @@ def test_closing_the_viewer_while_embeddings_compute(demo_model, tmp_path):
 
     from micro_sam.sample_data import synthetic_nuclei_3d
 
-    predictor, decoder = demo_model
+    predictor = demo_model[0]
     volume, _ = synthetic_nuclei_3d((3, 96, 96), seed=2)
     viewer = napari.Viewer(show=False)
     viewer.add_image(volume, name="volume")
-    state = AnnotatorState(ndim=3)
-    state.set_model(predictor, decoder)
-    state.model_key = ("vit_t_demo", None, "cpu", True, None)
+    state = demo_state(demo_model, 3)
     tool = Annotator3d(viewer, state=state)
     viewer.window.add_dock_widget(tool)
     widget = tool.widgets["embeddings"]

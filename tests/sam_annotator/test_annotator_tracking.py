@@ -13,7 +13,7 @@ from micro_sam.sam_annotator import util as vutil
 from micro_sam.sam_annotator._state import AnnotatorState
 from micro_sam.sam_annotator.annotator_tracking import AnnotatorTracking, annotator_tracking, create_tracking_menu
 
-from ._helpers import object_center, press, wait_for
+from ._helpers import docked_tool, fresh, object_center, press, wait_for
 from .conftest import iou
 
 pytestmark = pytest.mark.xdist_group("sam_annotator_tracking")  # the tests share one viewer (module fixture)
@@ -55,26 +55,18 @@ def oracle(monkeypatch, timelapse):
 
 @pytest.fixture(scope="module")
 def session(timelapse):
-    import napari
-
     movie, _, _ = timelapse
     state = AnnotatorState(ndim=3)
     state.predictor = "oracle"
     state._set_image(movie, movie.shape, {"features": np.zeros((8, 1, 1, 1, 1)), "input_size": (128, 128)},
                      None, None, None)
-    viewer = napari.Viewer(show=False)
-    viewer.add_image(movie, name="movie")
-    tool = AnnotatorTracking(viewer, state=state)
-    viewer.window.add_dock_widget(tool)
-    yield viewer, tool
-    viewer.close()
+    with docked_tool(AnnotatorTracking, movie, state, "movie") as session:
+        yield session
 
 
 @pytest.fixture
 def tool(session):
-    viewer, tool = session
-    tool.image_changed()
-    return viewer, tool
+    return fresh(session)
 
 
 def _click(viewer, t, labels, track, frame=None):
