@@ -102,6 +102,12 @@ def cached_demo_model(monkeypatch, demo_checkpoint):
                         return_sam=return_sam, return_state=return_state, **kwargs)
 
     monkeypatch.setattr(util, "get_sam_model", get_sam_model)
+    yield
+    # A module first imported during the test (e.g. micro_sam.training.util, by the training widget) bound the
+    # stand-in with `from ..util import get_sam_model`: give it the real function again.
+    for module in list(sys.modules.values()):
+        if getattr(module, "__dict__", {}).get("get_sam_model") is get_sam_model:
+            module.get_sam_model = original
 
 
 @pytest.fixture(scope="session")
