@@ -95,15 +95,19 @@ def model_load_count(spec: Optional[ModelSpec] = None) -> int:
     return int(_LOADS.get(spec, 0) if spec is not None else sum(_LOADS.values()))
 
 
-def _segment(spec: ModelSpec, image, ndim: int, tile_shape, halo, generate_kwargs) -> np.ndarray:
-    from ..automatic_segmentation import automatic_instance_segmentation
-
-    loaded = load_model(spec)
+def _set_threads() -> None:
     threads = os.environ.get("OMP_NUM_THREADS")  # set per worker by the local cluster: the cores it may use
     if threads and threads.isdigit():
         import torch
 
         torch.set_num_threads(int(threads))
+
+
+def _segment(spec: ModelSpec, image, ndim: int, tile_shape, halo, generate_kwargs) -> np.ndarray:
+    from ..automatic_segmentation import automatic_instance_segmentation
+
+    loaded = load_model(spec)
+    _set_threads()
     with loaded.lock:
         labels = automatic_instance_segmentation(
             loaded.predictor, loaded.segmenter, image, ndim=ndim, tile_shape=tile_shape, halo=halo, verbose=False,
@@ -192,9 +196,71 @@ def _open(path: str, name: str, mode: str = "r+"):
     return zarr.open_array(os.path.join(path, name), mode=mode)
 
 
+def uses_decoder_maps(spec: ModelSpec, ndim: int, tile_shape) -> bool:
+    """Whether blocks are segmented from decoder maps on the whole image's tile grid (tiled 2D AIS)."""
+    from ..instance_segmentation import InstanceSegmentationWithDecoder
+
+    return ndim == 2 and tile_shape is not None and isinstance(load_model(spec).segmenter,
+                                                               InstanceSegmentationWithDecoder)
+
+
+def compute_block_maps(spec: ModelSpec, input_path: str, key: Optional[str], blocking: Blocking,
+                       output_path: str, work: str, block_id: int, tile_shape, halo) -> bool:
+    """Tiled 2D AIS: compute the decoder maps of a block's inner region on the whole image's tile grid.
+
+    Every tile of the image's grid (``tile_shape``, ``halo``, as a single-process tiled run lays them out) that
+    overlaps the block's inner region is encoded and decoded, and its maps are written where it overlaps the
+    block: the map array then equals the single-process run's maps, whatever the block shape. Blocks are then
+    segmented from these maps over their outer regions (:func:`segment_block`), so that two neighbouring blocks
+    see the same maps in their overlap and cut objects the same way. Marks the block in ``maps_done``.
+
+    Returns:
+        False (and nothing written) when the model's segmenter does not use a decoder (AMG): the blocks are then
+        segmented each on its own.
+    """
+    from ..instance_segmentation.ais import background_maps
+    from ..instance_segmentation.tiled import decoder_maps_of_tile
+
+    if not uses_decoder_maps(spec, 2, tile_shape):
+        return False
+    block = blocking.block(block_id)
+    image = open_input(input_path, key)  # read lazily, tile by tile
+    loaded = load_model(spec)
+    maps = _open(output_path, f"{work}/maps")
+    _set_threads()
+    for tile in _tiling.iterate_tiles(blocking.shape, tile_shape, halo):
+        overlap = tuple(slice(max(t.start, b.start), min(t.stop, b.stop)) for t, b in zip(tile.inner, block.inner))
+        if any(o.start >= o.stop for o in overlap):
+            continue
+        with loaded.lock:
+            tile_maps = decoder_maps_of_tile(loaded.predictor, loaded.segmenter._decoder, image, tile)
+        local = tuple(slice(o.start - t.start, o.stop - t.start) for o, t in zip(overlap, tile.inner))
+        maps[(slice(None),) + overlap] = background_maps([o.stop - o.start for o in overlap]) \
+            if tile_maps is None else tile_maps[(slice(None),) + local]  # (no signal: background, as the library)
+    _open(output_path, f"{work}/maps_done")[blocking.position(block_id)] = 1
+    return True
+
+
+def _segment_from_maps(spec: ModelSpec, maps: np.ndarray, generate_kwargs) -> np.ndarray:
+    loaded = load_model(spec)
+    with loaded.lock:
+        segmenter = loaded.segmenter
+        segmenter.set_state({"foreground": maps[0], "center_distances": maps[1], "boundary_distances": maps[2]})
+        try:
+            labels = segmenter.generate(output_mode="instance_segmentation", **dict(generate_kwargs))
+        finally:
+            segmenter.clear_state()
+    return np.asarray(labels)
+
+
 def segment_block(spec: ModelSpec, input_path: str, key: Optional[str], ndim: int, blocking: Blocking,
-                  output_path: str, work: str, block_id: int, tile_shape, halo, generate_kwargs) -> int:
+                  output_path: str, work: str, block_id: int, tile_shape, halo, generate_kwargs,
+                  from_maps: bool = False) -> int:
     """Segment one block (on its outer region) and write its inner labels, skirts and object count.
+
+    With ``from_maps`` the block is segmented from the decoder maps written by :func:`compute_block_maps`
+    (those of its outer region, i.e. also of its neighbours' overlap); otherwise the block's outer region is
+    segmented as an image of its own (with tiles laid out within it).
 
     The count is written last: a block with a count is complete. Writing a block again gives the same data.
 
@@ -202,8 +268,12 @@ def segment_block(spec: ModelSpec, input_path: str, key: Optional[str], ndim: in
         The number of objects of the block.
     """
     block = blocking.block(block_id)
-    image = np.asarray(open_input(input_path, key)[block.outer])
-    labels = _segment(spec, image, ndim, tile_shape, halo, generate_kwargs)
+    if from_maps:
+        maps = np.asarray(_open(output_path, f"{work}/maps", "r")[(slice(None),) + block.outer])
+        labels = _segment_from_maps(spec, maps, generate_kwargs)
+    else:
+        image = np.asarray(open_input(input_path, key)[block.outer])
+        labels = _segment(spec, image, ndim, tile_shape, halo, generate_kwargs)
     part = _stitching.crop_block(labels, block, blocking.shape, blocking.halo)
     _open(output_path, f"{work}/local")[block.inner] = part.inner
     for (axis, side), skirt in part.skirts.items():
@@ -245,8 +315,9 @@ def read_markers(output_path: str, work: str, name: str) -> np.ndarray:
 
 
 def ensure_block_arrays(output_path: str, work: str, key: str, blocking: Blocking,
-                        attributes: Dict[str, Any]) -> None:
-    """Create the output group, the label array ``key`` and the work arrays (local labels, skirts, markers)."""
+                        attributes: Dict[str, Any], with_maps: bool = False) -> None:
+    """Create the output group, the label array ``key`` and the work arrays (local labels, skirts, markers;
+    with ``with_maps`` the (3, ...) float32 decoder maps of tiled 2D AIS)."""
     import zarr
 
     root = zarr.open_group(output_path, mode="a")
@@ -254,6 +325,9 @@ def ensure_block_arrays(output_path: str, work: str, key: str, blocking: Blockin
     if key not in root:
         root.create_array(key, shape=blocking.shape, chunks=chunks, dtype="uint32", fill_value=0)
     group = root.require_group(work)
+    if with_maps and "maps" not in group:
+        group.create_array("maps", shape=(3,) + blocking.shape, chunks=(3,) + chunks, dtype="float32",
+                           fill_value=0)
     if "local" not in group:
         group.create_array("local", shape=blocking.shape, chunks=chunks, dtype="uint32", fill_value=0)
     for axis in range(len(blocking.shape)):
@@ -264,6 +338,8 @@ def ensure_block_arrays(output_path: str, work: str, key: str, blocking: Blockin
     marker_chunks = (1,) * len(blocking.grid)
     if "n_objects" not in group:
         group.create_array("n_objects", shape=blocking.grid, chunks=marker_chunks, dtype="int64", fill_value=-1)
+    if "maps_done" not in group:
+        group.create_array("maps_done", shape=blocking.grid, chunks=marker_chunks, dtype="uint8", fill_value=0)
     if "relabelled" not in group:
         group.create_array("relabelled", shape=blocking.grid, chunks=marker_chunks, dtype="uint8", fill_value=0)
     root.attrs.update(attributes)

@@ -2,7 +2,9 @@
 
 The input (zarr, OME-Zarr, n5, tif, hdf5) is cut into blocks; each worker reads one block with a halo,
 segments it (embeddings and AIS / AMG, with the model it loaded once) and writes the block's labels into a zarr
-array. Then the objects that cross block faces are matched by their overlap in the halo strips and relabelled
+array. Tiled 2D AIS first writes the decoder maps of the whole image's tiles (each block computing the tiles
+over its inner region) and then segments each block from the maps of its outer region, so that neighbouring
+blocks see the same maps where they overlap. Then the objects that cross block faces are matched by their overlap in the halo strips and relabelled
 globally (``micro_sam.distributed._stitching``), and each block's final labels are written.
 
 The output is a zarr group: the labels in ``output_key`` (uint32, chunked like the blocks, 1..N) and, while the
@@ -21,7 +23,10 @@ import numpy as np
 from .. import util
 from ._cluster import client_or_none, get_client
 from ._run import make_spec, run_tasks, validate_generate_kwargs
-from ._worker import Blocking, ensure_block_arrays, match_face, read_markers, relabel_block, segment_block
+from ._worker import (
+    Blocking, compute_block_maps, ensure_block_arrays, match_face, read_markers, relabel_block, segment_block,
+    uses_decoder_maps,
+)
 
 __all__ = ["segment_blockwise", "DEFAULT_BLOCK_SHAPE", "DEFAULT_BLOCK_HALO"]
 
@@ -128,8 +133,11 @@ def segment_blockwise(
             segmented as one image (or volume), with ``tile_shape`` in tiles.
         block_halo: The overlap each block sees of its neighbours (default 128 x 128 or 4 x 64 x 64); it must be
             larger than the part of an object that one block needs to see to recognise it.
-        tile_shape: Tiles for the segmentation of each block (e.g. (512, 512)); None segments each block
-            (slice) at once.
+        tile_shape: Tiles for the segmentation (e.g. (512, 512)); None segments each block (slice) at once.
+            For 2D images with AIS, the tiles are laid out on the whole image (as a single-process tiled run
+            does) and their decoder maps written first; each block is then segmented from the maps of its
+            outer region, so blockwise and single-process tiled results agree. Otherwise (AMG, volumes) each
+            block is an image of its own, tiled within.
         halo: The overlap of these tiles (with ``tile_shape``).
         iou_threshold: Objects of two blocks are one object if their pixels in the strips along the face overlap
             with at least this intersection over union.
@@ -194,15 +202,25 @@ def segment_blockwise(
 
     generate_items = tuple(sorted(generate_kwargs.items()))
     with get_client(scheduler, n_workers, verbose=verbose) as client:
+        # Tiled 2D AIS: the decoder maps are computed on the whole image's tile grid first (as a single-process
+        # tiled run computes them), then each block runs the watershed on the maps of its outer region; the
+        # blocks agree on their overlap, so objects crossing a face are cut the same way on both sides.
+        from_maps = ndim == 2 and tile_shape is not None and bool(
+            client.submit(uses_decoder_maps, spec, ndim, tile_shape, pure=False, retries=retries).result())
         ensure_block_arrays(output_path, _WORK, output_key, blocking,
-                            {_ATTRIBUTE: {"parameters": parameters, "complete": False}})
-        # 1. Segment the blocks that have no object count yet.
+                            {_ATTRIBUTE: {"parameters": parameters, "complete": False}}, with_maps=from_maps)
         todo = [b for b, n in enumerate(read_markers(output_path, _WORK, "n_objects")) if n < 0]
         if verbose and len(todo) < blocking.n_blocks:
             print(f"Resuming: {blocking.n_blocks - len(todo)} of {blocking.n_blocks} blocks are segmented already.")
+        if from_maps and todo:  # 1a. The maps of the blocks that have none yet.
+            missing = [b for b, done in enumerate(read_markers(output_path, _WORK, "maps_done")) if not done]
+            run_tasks(client, compute_block_maps, [
+                (spec, input_path, key, blocking, output_path, _WORK, b, tile_shape, halo) for b in missing],
+                f"Decoder maps of the tiles ({blocking.n_blocks} blocks)", retries, verbose)
+        # 1. Segment the blocks that have no object count yet.
         run_tasks(client, segment_block, [
-            (spec, input_path, key, ndim, blocking, output_path, _WORK, b, tile_shape, halo, generate_items)
-            for b in todo], f"Segment blocks ({blocking.n_blocks} in all)", retries, verbose)
+            (spec, input_path, key, ndim, blocking, output_path, _WORK, b, tile_shape, halo, generate_items,
+             from_maps) for b in todo], f"Segment blocks ({blocking.n_blocks} in all)", retries, verbose)
         # 2. Match objects across the faces, relabel globally.
         from ._stitching import block_faces, merge_labels
 

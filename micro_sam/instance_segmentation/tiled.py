@@ -237,6 +237,41 @@ def _context(outer: Tuple[slice, slice], shape: Tuple[int, int], min_size: int =
     return tuple(out)
 
 
+def decoder_maps_of_tile(predictor, decoder, image, tile: _tiling.Tile, image_embeddings=None,
+                         i: Optional[int] = None) -> Optional[np.ndarray]:
+    """The decoder's maps of one tile's inner region, as a tiled run over the whole image computes them.
+
+    Args:
+        predictor: The ``SamPredictor``.
+        decoder: The AIS decoder.
+        image: The whole (Y, X[, C]) image; any array that can be sliced (numpy, zarr): only the tile's outer
+            region and its surroundings (for the noise check) are read.
+        tile: The tile (``micro_sam._tiling.get_tile`` on the whole image's shape).
+        image_embeddings: The whole image's tiled embeddings; None computes the tile's embedding from
+            ``image[tile.outer]`` (the same computation as the tiled embedding cache).
+        i: Slice index of 3D tiled embeddings.
+
+    Returns:
+        (3, h, w) float32 maps (foreground, centre distances, boundary distances) of ``tile.inner``, or None
+        when the tile holds no signal (constant or noise, judged on at least 64 x 64 pixels around it): no
+        objects there, the decoder is not run.
+    """
+    from .._embeddings import encode_images
+    from .._image import to_image
+    from .._structure import has_signal
+    from ..util import set_precomputed
+
+    shape = tuple(int(s) for s in image.shape[:2])
+    if not has_signal(np.asarray(image[_context(tile.outer, shape)])):
+        return None
+    if image_embeddings is None:
+        encode_images(predictor, [to_image(np.asarray(image[tile.outer]))])
+    else:
+        set_precomputed(predictor, image_embeddings, i=i, tile_id=tile.tile_id)
+    output = run_decoder(decoder, predictor.features, predictor.input_size, predictor.original_size)
+    return output[(slice(None),) + tile.local]
+
+
 class TiledInstanceSegmentationWithDecoder(InstanceSegmentationWithDecoder):
     """Decoder-based instance segmentation on tiled embeddings: the maps of all tiles are stitched (inner
     regions) and segmented at once, so the result is seamless. Same interface as the untiled class.
@@ -276,7 +311,7 @@ class TiledInstanceSegmentationWithDecoder(InstanceSegmentationWithDecoder):
         without running the decoder, as does the whole image (see the untiled class).
         """
         from .._structure import has_signal
-        from ..util import handle_pbar, set_precomputed
+        from ..util import handle_pbar
 
         image = _select_image(image, i)
         shape = tuple(int(s) for s in image.shape[:2])
@@ -292,14 +327,9 @@ class TiledInstanceSegmentationWithDecoder(InstanceSegmentationWithDecoder):
         try:
             for tile_id in tile_ids:
                 tile = _tiling.get_tile(tile_id, shape, tile_shape, halo)
-                if not has_signal(image[_context(tile.outer, shape)]):  # constant or noise: no objects (2D class)
-                    update(1)
-                    continue
-                set_precomputed(self._predictor, image_embeddings, i=i, tile_id=tile_id)
-                predictor = self._predictor
-                output = run_decoder(self._decoder, predictor.features, predictor.input_size,
-                                     predictor.original_size)
-                maps[(slice(None),) + tile.inner] = output[(slice(None),) + tile.local]
+                tile_maps = decoder_maps_of_tile(self._predictor, self._decoder, image, tile, image_embeddings, i)
+                if tile_maps is not None:
+                    maps[(slice(None),) + tile.inner] = tile_maps
                 update(1)
         finally:
             close()

@@ -63,6 +63,8 @@ class OracleDecoder(torch.nn.Module):
     encoder_img_size = IMG_SIZE
 
     delay = 0.0
+    blur = 0.0   # sigma of a blur at the model's input scale: the maps then depend on the tile size (as a real
+                 # model's do, which sees small tiles magnified)
 
     def forward(self, features, input_size, original_size):
         import time
@@ -70,11 +72,13 @@ class OracleDecoder(torch.nn.Module):
         CALLS[0] += 1
         time.sleep(self.delay)
         image = F.pixel_shuffle(features - 1.0, 16)[:, :, :input_size[0], :input_size[1]]
+        if self.blur:
+            image = torch.from_numpy(ndimage.gaussian_filter(image.numpy(), (0, 0, self.blur, self.blur)))
         image = F.interpolate(image, tuple(original_size), mode="bilinear", align_corners=False)
         return torch.from_numpy(blob_maps(image[0, 0].numpy()))[None]
 
 
-def make_oracle(is_tiled: bool = False, delay: float = 0.0):
+def make_oracle(is_tiled: bool = False, delay: float = 0.0, blur: float = 0.0):
     """``segmenter_factory`` for ``micro_sam.distributed``: (predictor, AIS segmenter)."""
     from segment_anything import SamPredictor
 
@@ -84,10 +88,16 @@ def make_oracle(is_tiled: bool = False, delay: float = 0.0):
     predictor.model_type, predictor.model_name, predictor._hash = "vit_b", "oracle", "xxh128:oracle"
     predictor.checkpoint_path = None
     decoder = OracleDecoder()
-    decoder.delay = delay
+    decoder.delay, decoder.blur = delay, blur
     segmenter = get_instance_segmentation_generator(predictor, is_tiled=is_tiled, decoder=decoder,
                                                     segmentation_mode="ais")
     return predictor, segmenter
+
+
+def make_scale_sensitive_oracle(is_tiled: bool = False):
+    """The oracle with outlines that depend on the tile size (a blur of 12 pixels at its 512 pixel input scale):
+    a tile laid out differently gives other maps near the blobs' borders."""
+    return make_oracle(is_tiled, blur=12.0)
 
 
 def make_slow_oracle(is_tiled: bool = False):

@@ -16,7 +16,9 @@ import zarr
 
 from micro_sam.distributed import segment_blockwise
 
-from ._oracle import blob_image, decoder_calls, executing_tasks, make_oracle, make_slow_oracle, random_blobs
+from ._oracle import (
+    blob_image, decoder_calls, executing_tasks, make_oracle, make_scale_sensitive_oracle, make_slow_oracle, random_blobs,
+)
 from .test_stitching import same_partition
 
 BLOCKS = dict(block_shape=(256, 256), block_halo=(32, 32))
@@ -81,6 +83,31 @@ def test_blockwise_mosaic_matches_single_process_tiled_run(mosaic, undisturbed):
     ids, counts = np.unique(undisturbed[truth > 0], return_counts=True)
     assert 0 not in ids or counts[0] < 0.01 * (truth > 0).sum()
     assert same_partition(np.where(truth > 0, undisturbed, 0), np.where(undisturbed > 0, truth, 0))
+
+
+def test_tiled_ais_blockwise_equals_the_single_process_tiled_run(mosaic, dask_client, tmp_path):
+    """A stand-in whose maps depend on the tile size (as a real model's do): blocks tiled each on their own would
+    disagree along their faces. Blockwise tiled AIS lays the tiles out on the whole image, so the result is the
+    single-process tiled run's, object for object, and each tile is decoded once (the blocks are multiples of
+    the tiles)."""
+    from micro_sam.automatic_segmentation import automatic_instance_segmentation
+
+    path, image, truth = mosaic
+    tiles = dict(tile_shape=(128, 128), halo=(32, 32))
+    before = sum(dask_client.run(decoder_calls).values())
+    labels = segment_blockwise(path, str(tmp_path / "labels.zarr"), scheduler=dask_client, verbose=False,
+                               segmenter_factory=make_scale_sensitive_oracle, keep_intermediates=True, **BLOCKS,
+                               **tiles)[...]
+    assert sum(dask_client.run(decoder_calls).values()) - before == (768 // 128) * (1024 // 128)
+    predictor, segmenter = make_scale_sensitive_oracle(is_tiled=True)
+    tiled = automatic_instance_segmentation(predictor, segmenter, image, verbose=False, **tiles)
+    assert labels.max() == tiled.max() > 0.9 * truth.max()
+    assert same_partition(labels, tiled)
+    maps = zarr.open_array(str(tmp_path / "labels.zarr" / "_micro_sam_blockwise" / "maps"), mode="r")[...]
+    segmenter.initialize(image, **tiles)
+    state = segmenter.get_state()
+    np.testing.assert_allclose(maps, np.stack([state["foreground"], state["center_distances"],
+                                               state["boundary_distances"]]), atol=1e-5)
 
 
 def test_blockwise_output_layout_and_rerun(mosaic, undisturbed, dask_client, tmp_path):

@@ -1,5 +1,6 @@
 """Semantic segmentation: the Dice loss, SemanticSamTrainer on 2D and 3D models, the 3D wrappers' structure."""
 import copy
+import warnings
 from functools import partial
 
 import numpy as np
@@ -225,8 +226,13 @@ def test_get_sam_3d_model_from_a_vit_b_checkpoint(tmp_path):
         base.image_encoder.pos_embed.normal_()
     path = tmp_path / "vit_b.pt"
     torch.save(base.state_dict(), path)
-    with pytest.warns(UserWarning, match="do not fit the model and keep their initial values"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         model = get_sam_3d_model("cpu", n_classes=3, image_size=256, lora_rank=2, checkpoint_path=path)
+    # 3 classes = SAM's 3 multimask outputs: after resizing the position tables every parameter fits
+    assert not [w for w in caught if "do not fit" in str(w.message)]
+    decoder = model.sam_model.mask_decoder
+    assert torch.equal(decoder.mask_tokens.weight, base.mask_decoder.mask_tokens.weight)
     encoder = model.sam_model.image_encoder.image_encoder
     assert encoder.pos_embed.shape == (1, 16, 16, 768)
     expected = torch.nn.functional.interpolate(base.image_encoder.pos_embed.permute(0, 3, 1, 2), size=(16, 16),
