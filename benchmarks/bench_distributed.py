@@ -1,7 +1,7 @@
 """Throughput and worker memory of micro_sam.distributed on this machine (see benchmarks/README.md).
 
     python benchmarks/bench_distributed.py throughput --images 8 --workers 1 2
-    python benchmarks/bench_distributed.py memory --sizes 4096 16384 --segmenter oracle
+    python benchmarks/bench_distributed.py memory --sizes 4096 16384 --segmenter oracle [--tiled]
     python benchmarks/bench_distributed.py memory --sizes 4096 --segmenter vit_t_demo
     python benchmarks/bench_distributed.py slices --slices 4
 
@@ -74,7 +74,7 @@ def _pattern_image(size: int):
     return np.tile(tile, (reps, reps))
 
 
-def memory(sizes, segmenter: str):
+def memory(sizes, segmenter: str, tiled: bool = False):
     import zarr
 
     from micro_sam.distributed import segment_blockwise
@@ -90,6 +90,8 @@ def memory(sizes, segmenter: str):
                 from micro_sam_distributed._oracle import make_oracle
 
                 kwargs.update(segmenter_factory=make_oracle)
+                if tiled:  # tiled 2D AIS: decoder maps on the image's tile grid, then the blocks from the maps
+                    kwargs.update(tile_shape=(512, 512), halo=(64, 64))
             else:
                 kwargs.update(model_type=segmenter, device="cpu", tile_shape=(512, 512), halo=(64, 64))
             with get_client(None, 2, verbose=False) as client:
@@ -101,7 +103,7 @@ def memory(sizes, segmenter: str):
             n_blocks = (size // 1024) ** 2
             n_objects = int(zarr.open_group(os.path.join(tmp, "labels.zarr"), mode="r").attrs[
                 "micro_sam_blockwise"]["n_objects"])
-            print(f"{segmenter}, {size} x {size} ({n_blocks} blocks, {n_objects} objects, labels {labels.shape}): "
+            print(f"{segmenter}{' tiled' if 'tile_shape' in kwargs else ''}, {size} x {size} ({n_blocks} blocks, {n_objects} objects, labels {labels.shape}): "
                   f"{seconds:.1f} s = {2 * seconds / n_blocks:.2f} worker-s per block; worker peak RSS "
                   f"{', '.join(f'{v:.0f}' for v in peaks.values())} MB (after start "
                   f"{', '.join(f'{v:.0f}' for v in before.values())} MB); client peak {_peak_rss_mb():.0f} MB",
@@ -134,6 +136,7 @@ def main():
     p = sub.add_parser("memory")
     p.add_argument("--sizes", type=int, nargs="+", default=[4096, 16384])
     p.add_argument("--segmenter", default="oracle")
+    p.add_argument("--tiled", action="store_true", help="oracle: 512 x 512 tiles (halo 64) as with the model.")
     p = sub.add_parser("slices")
     p.add_argument("--slices", type=int, default=4)
     args = parser.parse_args()
@@ -141,7 +144,7 @@ def main():
     if args.what == "throughput":
         throughput(args.images, args.workers)
     elif args.what == "memory":
-        memory(args.sizes, args.segmenter)
+        memory(args.sizes, args.segmenter, args.tiled)
     else:
         slices(args.slices)
     print(f"load: {os.getloadavg()}")
