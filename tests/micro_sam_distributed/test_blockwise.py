@@ -130,11 +130,13 @@ def test_blockwise_output_layout_and_rerun(mosaic, undisturbed, dask_client, tmp
     np.testing.assert_array_equal(again[...], undisturbed)
 
 
-def _wait_for_blocks(output, n, timeout=900):
+def _wait_for_blocks(output, n, timeout=900, marker="n_objects"):
+    """Wait until ``n`` blocks carry ``marker`` (n_objects: segmented; maps_done: decoder maps written)."""
     start = time.time()
     while time.time() - start < timeout:
         try:
-            done = int((zarr.open_array(f"{output}/_micro_sam_blockwise/n_objects", mode="r")[...] >= 0).sum())
+            values = zarr.open_array(f"{output}/_micro_sam_blockwise/{marker}", mode="r")[...]
+            done = int((values >= 0).sum() if marker == "n_objects" else (values > 0).sum())
         except Exception:  # noqa: BLE001 (not created yet)
             done = 0
         if done >= n:
@@ -174,21 +176,7 @@ def test_killed_worker_gives_the_same_result(mosaic, undisturbed, dask_client, t
 def test_interrupted_client_resumes_only_missing_blocks(mosaic, undisturbed, dask_client, tmp_path):
     path, _, _ = mosaic
     output = str(tmp_path / "labels.zarr")
-    script = (
-        "import sys; sys.path[:0] = {path!r}\n"
-        "from micro_sam.distributed import segment_blockwise\n"
-        "from micro_sam_distributed._oracle import make_slow_oracle\n"
-        "segment_blockwise({input!r}, {output!r}, scheduler={address!r}, segmenter_factory=make_slow_oracle, "
-        "verbose=False, block_shape=(256, 256), block_halo=(32, 32))\n"
-    ).format(path=sys.path, input=path, output=output, address=dask_client.scheduler.address)
-    process = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
-    try:
-        _wait_for_blocks(output, 2)
-    finally:
-        process.send_signal(signal.SIGINT)
-        _, stderr = process.communicate(timeout=600)
-    assert process.returncode != 0 and "KeyboardInterrupt" in stderr
-    _wait_until_idle(dask_client)
+    _interrupt_blockwise(dask_client, path, output, "n_objects", **BLOCKS)
     markers = zarr.open_array(f"{output}/_micro_sam_blockwise/n_objects", mode="r")[...]
     missing = int((markers < 0).sum())
     assert 0 < missing < markers.size
@@ -197,6 +185,46 @@ def test_interrupted_client_resumes_only_missing_blocks(mosaic, undisturbed, das
                                verbose=False, **BLOCKS)
     assert sum(dask_client.run(decoder_calls).values()) - before == missing   # one decoder call per block
     np.testing.assert_array_equal(labels[...], undisturbed)
+
+
+def _interrupt_blockwise(dask_client, path, output, marker, **kwargs):
+    """Start segment_blockwise with the slow oracle in another process, interrupt it (Ctrl-C) once two blocks
+    carry ``marker``, and wait until the cluster is idle."""
+    script = (
+        "import sys; sys.path[:0] = {path!r}\n"
+        "from micro_sam.distributed import segment_blockwise\n"
+        "from micro_sam_distributed._oracle import make_slow_oracle\n"
+        "segment_blockwise({input!r}, {output!r}, scheduler={address!r}, segmenter_factory=make_slow_oracle, "
+        "verbose=False, **{kwargs!r})\n"
+    ).format(path=sys.path, input=path, output=output, address=dask_client.scheduler.address, kwargs=kwargs)
+    process = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_blocks(output, 2, marker=marker)
+    finally:
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=600)
+    assert process.returncode != 0 and "KeyboardInterrupt" in stderr
+    _wait_until_idle(dask_client)
+
+
+def test_interrupted_tiled_run_resumes_with_the_missing_maps(mosaic, dask_client, tmp_path):
+    """Tiled AIS interrupted while the decoder maps are computed: the rerun decodes only the tiles of the blocks
+    without maps and gives the single-process tiled result."""
+    from micro_sam.automatic_segmentation import automatic_instance_segmentation
+
+    path, image, _ = mosaic
+    output = str(tmp_path / "labels.zarr")
+    tiles = dict(tile_shape=(128, 128), halo=(32, 32))
+    _interrupt_blockwise(dask_client, path, output, "maps_done", **BLOCKS, **tiles)
+    missing = int((zarr.open_array(f"{output}/_micro_sam_blockwise/maps_done", mode="r")[...] == 0).sum())
+    assert 0 < missing < 12
+    before = sum(dask_client.run(decoder_calls).values())
+    labels = segment_blockwise(path, output, scheduler=dask_client, segmenter_factory=make_slow_oracle,
+                               verbose=False, **BLOCKS, **tiles)[...]
+    assert sum(dask_client.run(decoder_calls).values()) - before == 4 * missing   # 2 x 2 tiles per block
+    predictor, segmenter = make_oracle(is_tiled=True)
+    assert same_partition(labels, automatic_instance_segmentation(predictor, segmenter, image, verbose=False,
+                                                                  **tiles))
 
 
 def test_blockwise_volume_seams(dask_client, tmp_path):
