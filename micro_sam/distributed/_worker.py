@@ -197,22 +197,35 @@ def _open(path: str, name: str, mode: str = "r+"):
 
 
 def uses_decoder_maps(spec: ModelSpec, ndim: int, tile_shape) -> bool:
-    """Whether blocks are segmented from decoder maps on the whole image's tile grid (tiled 2D AIS)."""
+    """Whether blocks are segmented from decoder maps on the whole image's tile grid (tiled AIS, 2D or per
+    slice of a volume)."""
     from ..instance_segmentation import InstanceSegmentationWithDecoder
 
-    return ndim == 2 and tile_shape is not None and isinstance(load_model(spec).segmenter,
-                                                               InstanceSegmentationWithDecoder)
+    return ndim in (2, 3) and tile_shape is not None and isinstance(load_model(spec).segmenter,
+                                                                    InstanceSegmentationWithDecoder)
+
+
+class _Slice:
+    """A 2D view (``shape`` (Y, X[, C])) of slice ``z`` of a lazily read volume: reads only what is sliced."""
+
+    def __init__(self, data, z: int):
+        self._data, self._z = data, z
+        self.shape = tuple(data.shape[1:])
+
+    def __getitem__(self, index):
+        return np.asarray(self._data[(self._z,) + tuple(index)])
 
 
 def compute_block_maps(spec: ModelSpec, input_path: str, key: Optional[str], blocking: Blocking,
                        output_path: str, work: str, block_id: int, tile_shape, halo) -> bool:
-    """Tiled 2D AIS: compute the decoder maps of a block's inner region on the whole image's tile grid.
+    """Tiled AIS: compute the decoder maps of a block's inner region on the whole image's tile grid.
 
     Every tile of the image's grid (``tile_shape``, ``halo``, as a single-process tiled run lays them out) that
-    overlaps the block's inner region is encoded and decoded, and its maps are written where it overlaps the
-    block: the map array then equals the single-process run's maps, whatever the block shape. Blocks are then
-    segmented from these maps over their outer regions (:func:`segment_block`), so that two neighbouring blocks
-    see the same maps in their overlap and cut objects the same way. Marks the block in ``maps_done``.
+    overlaps the block's inner region is encoded and decoded (in every slice of the block, for a volume), and
+    its maps are written where it overlaps the block: the map array then equals the single-process run's maps,
+    whatever the block shape. Blocks are then segmented from these maps over their outer regions
+    (:func:`segment_block`), so that two neighbouring blocks see the same maps in their overlap and cut objects
+    the same way. Marks the block in ``maps_done``.
 
     Returns:
         False (and nothing written) when the model's segmenter does not use a decoder (AMG): the blocks are then
@@ -221,36 +234,57 @@ def compute_block_maps(spec: ModelSpec, input_path: str, key: Optional[str], blo
     from ..instance_segmentation.ais import background_maps
     from ..instance_segmentation.tiled import decoder_maps_of_tile
 
-    if not uses_decoder_maps(spec, 2, tile_shape):
+    ndim = len(blocking.shape)
+    if not uses_decoder_maps(spec, ndim, tile_shape):
         return False
     block = blocking.block(block_id)
-    image = open_input(input_path, key)  # read lazily, tile by tile
+    data = open_input(input_path, key)  # read lazily, tile by tile
     loaded = load_model(spec)
     maps = _open(output_path, f"{work}/maps")
     _set_threads()
-    for tile in _tiling.iterate_tiles(blocking.shape, tile_shape, halo):
-        overlap = tuple(slice(max(t.start, b.start), min(t.stop, b.stop)) for t, b in zip(tile.inner, block.inner))
+    slices = [(None, data)] if ndim == 2 else \
+        [(z, _Slice(data, z)) for z in range(block.inner[0].start, block.inner[0].stop)]
+    inner = block.inner[-2:]
+    for tile in _tiling.iterate_tiles(blocking.shape[-2:], tile_shape, halo):
+        overlap = tuple(slice(max(t.start, b.start), min(t.stop, b.stop)) for t, b in zip(tile.inner, inner))
         if any(o.start >= o.stop for o in overlap):
             continue
-        with loaded.lock:
-            tile_maps = decoder_maps_of_tile(loaded.predictor, loaded.segmenter._decoder, image, tile)
         local = tuple(slice(o.start - t.start, o.stop - t.start) for o, t in zip(overlap, tile.inner))
-        maps[(slice(None),) + overlap] = background_maps([o.stop - o.start for o in overlap]) \
-            if tile_maps is None else tile_maps[(slice(None),) + local]  # (no signal: background, as the library)
+        for z, image in slices:
+            with loaded.lock:
+                tile_maps = decoder_maps_of_tile(loaded.predictor, loaded.segmenter._decoder, image, tile)
+            where = (slice(None),) + ((z,) if z is not None else ()) + overlap
+            maps[where] = background_maps([o.stop - o.start for o in overlap]) \
+                if tile_maps is None else tile_maps[(slice(None),) + local]  # (no signal: background, as the library)
     _open(output_path, f"{work}/maps_done")[blocking.position(block_id)] = 1
     return True
 
 
-def _segment_from_maps(spec: ModelSpec, maps: np.ndarray, generate_kwargs) -> np.ndarray:
+def _segment_from_maps(spec: ModelSpec, maps: np.ndarray, ndim: int, generate_kwargs) -> np.ndarray:
+    """The watershed on (3, [Z,] Y, X) maps; a volume slice by slice (ids unique across slices), then merged
+    in 3D as ``automatic_3d_segmentation`` does."""
+    from ..multi_dimensional_segmentation import merge_instance_segmentation_3d
+
+    kwargs = dict(generate_kwargs)
+    merge = {name: kwargs.pop(name) for name in ("gap_closing", "min_z_extent", "with_background") if name in kwargs}
     loaded = load_model(spec)
+    stack = maps[:, None] if ndim == 2 else maps
+    labels = np.zeros(stack.shape[1:], dtype="uint32")
+    offset = 0
     with loaded.lock:
         segmenter = loaded.segmenter
-        segmenter.set_state({"foreground": maps[0], "center_distances": maps[1], "boundary_distances": maps[2]})
         try:
-            labels = segmenter.generate(output_mode="instance_segmentation", **dict(generate_kwargs))
+            for z in range(stack.shape[1]):
+                segmenter.set_state({"foreground": stack[0, z], "center_distances": stack[1, z],
+                                     "boundary_distances": stack[2, z]})
+                seg = np.asarray(segmenter.generate(output_mode="instance_segmentation", **kwargs))
+                labels[z] = np.where(seg != 0, seg.astype("uint32") + offset, 0)
+                offset += int(seg.max())
         finally:
             segmenter.clear_state()
-    return np.asarray(labels)
+    if ndim == 2:
+        return labels[0]
+    return merge_instance_segmentation_3d(labels, beta=0.5, verbose=False, **merge)
 
 
 def segment_block(spec: ModelSpec, input_path: str, key: Optional[str], ndim: int, blocking: Blocking,
@@ -270,7 +304,7 @@ def segment_block(spec: ModelSpec, input_path: str, key: Optional[str], ndim: in
     block = blocking.block(block_id)
     if from_maps:
         maps = np.asarray(_open(output_path, f"{work}/maps", "r")[(slice(None),) + block.outer])
-        labels = _segment_from_maps(spec, maps, generate_kwargs)
+        labels = _segment_from_maps(spec, maps, ndim, generate_kwargs)
     else:
         image = np.asarray(open_input(input_path, key)[block.outer])
         labels = _segment(spec, image, ndim, tile_shape, halo, generate_kwargs)

@@ -2,9 +2,9 @@
 
 The input (zarr, OME-Zarr, n5, tif, hdf5) is cut into blocks; each worker reads one block with a halo,
 segments it (embeddings and AIS / AMG, with the model it loaded once) and writes the block's labels into a zarr
-array. Tiled 2D AIS first writes the decoder maps of the whole image's tiles (each block computing the tiles
-over its inner region) and then segments each block from the maps of its outer region, so that neighbouring
-blocks see the same maps where they overlap. Then the objects that cross block faces are matched by their overlap in the halo strips and relabelled
+array. Tiled AIS (2D, or per slice of a volume) first writes the decoder maps of the whole image's tiles (each
+block computing the tiles over its inner region) and then segments each block from the maps of its outer region,
+so that neighbouring blocks see the same maps where they overlap. Then the objects that cross block faces are matched by their overlap in the halo strips and relabelled
 globally (``micro_sam.distributed._stitching``), and each block's final labels are written.
 
 The output is a zarr group: the labels in ``output_key`` (uint32, chunked like the blocks, 1..N) and, while the
@@ -134,10 +134,11 @@ def segment_blockwise(
         block_halo: The overlap each block sees of its neighbours (default 128 x 128 or 4 x 64 x 64); it must be
             larger than the part of an object that one block needs to see to recognise it.
         tile_shape: Tiles for the segmentation (e.g. (512, 512)); None segments each block (slice) at once.
-            For 2D images with AIS, the tiles are laid out on the whole image (as a single-process tiled run
-            does) and their decoder maps written first; each block is then segmented from the maps of its
-            outer region, so blockwise and single-process tiled results agree. Otherwise (AMG, volumes) each
-            block is an image of its own, tiled within.
+            With AIS, the tiles are laid out on the whole image (on every slice of a volume), as a
+            single-process tiled run does, and their decoder maps written first (12 bytes per pixel while the
+            run lasts); each block is then segmented from the maps of its outer region, so that neighbouring
+            blocks agree and blockwise and single-process tiled results match. With AMG each block is an image
+            of its own, tiled within.
         halo: The overlap of these tiles (with ``tile_shape``).
         iou_threshold: Objects of two blocks are one object if their pixels in the strips along the face overlap
             with at least this intersection over union.
@@ -202,10 +203,11 @@ def segment_blockwise(
 
     generate_items = tuple(sorted(generate_kwargs.items()))
     with get_client(scheduler, n_workers, verbose=verbose) as client:
-        # Tiled 2D AIS: the decoder maps are computed on the whole image's tile grid first (as a single-process
-        # tiled run computes them), then each block runs the watershed on the maps of its outer region; the
-        # blocks agree on their overlap, so objects crossing a face are cut the same way on both sides.
-        from_maps = ndim == 2 and tile_shape is not None and bool(
+        # Tiled AIS (2D, or per slice of a volume): the decoder maps are computed on the whole image's tile grid
+        # first (as a single-process tiled run computes them), then each block runs the watershed (and the 3D
+        # merge) on the maps of its outer region; the blocks agree on their overlap, so objects crossing a face
+        # are cut the same way on both sides.
+        from_maps = tile_shape is not None and bool(
             client.submit(uses_decoder_maps, spec, ndim, tile_shape, pure=False, retries=retries).result())
         ensure_block_arrays(output_path, _WORK, output_key, blocking,
                             {_ATTRIBUTE: {"parameters": parameters, "complete": False}}, with_maps=from_maps)

@@ -248,6 +248,28 @@ def test_blockwise_volume_seams(dask_client, tmp_path):
     assert labels.max() == 5
 
 
+def test_tiled_ais_volume_blockwise_equals_the_single_process_tiled_run(dask_client, tmp_path):
+    """A volume with tiles and the tile-size-sensitive stand-in: the maps of every slice are laid out on the
+    volume's tile grid, so the blocks agree across their faces and the result is the single-process run's."""
+    from micro_sam.automatic_segmentation import automatic_instance_segmentation
+
+    shape, tiles = (8, 256, 256), dict(tile_shape=(64, 64), halo=(16, 16))
+    blobs = [((4.0, float(y), float(x)), (3.0, 14.0, 18.0)) for y in (64, 128, 192) for x in (64, 128, 192)]
+    blobs += [((4.0, float(y), 96.0), (2.5, 9.0, 22.0)) for y in (32, 160, 224)]
+    image, truth = blob_image(shape, blobs, seed=5)
+    path = str(tmp_path / "volume.zarr")
+    zarr.open_array(path, mode="w", shape=shape, chunks=(4, 128, 128), dtype="uint8")[...] = image
+    labels = segment_blockwise(path, str(tmp_path / "labels.zarr"), block_shape=(4, 128, 128),
+                               block_halo=(1, 32, 32), scheduler=dask_client, verbose=False,
+                               segmenter_factory=make_scale_sensitive_oracle, **tiles)[...]
+    predictor, segmenter = make_scale_sensitive_oracle(is_tiled=True)
+    single = automatic_instance_segmentation(predictor, segmenter, image, ndim=3, verbose=False, **tiles)
+    found, split = split_objects(labels, single, truth)
+    assert len(found) >= 10 and split == []
+    assert labels.max() == single.max()
+    assert same_partition(labels, single)
+
+
 def test_bad_input_fails_before_the_cluster(mosaic, tmp_path):
     """Each error names the problem; the scheduler given here does not exist, so reaching it would fail
     differently: the checks run before any connection."""
