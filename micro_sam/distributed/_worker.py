@@ -240,22 +240,25 @@ def compute_block_maps(spec: ModelSpec, input_path: str, key: Optional[str], blo
     block = blocking.block(block_id)
     data = open_input(input_path, key)  # read lazily, tile by tile
     loaded = load_model(spec)
-    maps = _open(output_path, f"{work}/maps")
     _set_threads()
     slices = [(None, data)] if ndim == 2 else \
         [(z, _Slice(data, z)) for z in range(block.inner[0].start, block.inner[0].stop)]
     inner = block.inner[-2:]
+    # The block's maps are gathered in memory (3 float32 values per pixel of the block) and written at once.
+    block_maps = np.empty((3,) + tuple(s.stop - s.start for s in block.inner), dtype="float32")
     for tile in _tiling.iterate_tiles(blocking.shape[-2:], tile_shape, halo):
         overlap = tuple(slice(max(t.start, b.start), min(t.stop, b.stop)) for t, b in zip(tile.inner, inner))
         if any(o.start >= o.stop for o in overlap):
             continue
-        local = tuple(slice(o.start - t.start, o.stop - t.start) for o, t in zip(overlap, tile.inner))
-        for z, image in slices:
+        in_tile = tuple(slice(o.start - t.start, o.stop - t.start) for o, t in zip(overlap, tile.inner))
+        in_block = tuple(slice(o.start - b.start, o.stop - b.start) for o, b in zip(overlap, inner))
+        for k, (z, image) in enumerate(slices):
             with loaded.lock:
                 tile_maps = decoder_maps_of_tile(loaded.predictor, loaded.segmenter._decoder, image, tile)
-            where = (slice(None),) + ((z,) if z is not None else ()) + overlap
-            maps[where] = background_maps([o.stop - o.start for o in overlap]) \
-                if tile_maps is None else tile_maps[(slice(None),) + local]  # (no signal: background, as the library)
+            where = (slice(None),) + ((k,) if z is not None else ()) + in_block
+            block_maps[where] = background_maps([o.stop - o.start for o in overlap]) \
+                if tile_maps is None else tile_maps[(slice(None),) + in_tile]  # (no signal: background, as the library)
+    _open(output_path, f"{work}/maps")[(slice(None),) + block.inner] = block_maps
     _open(output_path, f"{work}/maps_done")[blocking.position(block_id)] = 1
     return True
 
