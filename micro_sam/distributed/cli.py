@@ -45,7 +45,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-n", "--ndim", type=int, default=None, choices=[2, 3],
                         help="2 for images, 3 for volumes; inferred by default.")
     parser.add_argument("--tile_shape", nargs=2, type=int, default=None, metavar=("Y", "X"),
-                        help="Segment each image (or block) in tiles of this shape.")
+                        help="Segment each image (or block) in tiles of this shape. blockwise with AIS: the "
+                             "tiles are laid out on the whole image (every slice of a volume), so that blocks "
+                             "agree at their faces; recommended with a real model (e.g. 512 512).")
     parser.add_argument("--halo", nargs=2, type=int, default=None, metavar=("Y", "X"),
                         help="Overlap of these tiles (required with --tile_shape).")
     parser.add_argument("--scheduler", default=None,
