@@ -196,13 +196,12 @@ def _open(path: str, name: str, mode: str = "r+"):
     return zarr.open_array(os.path.join(path, name), mode=mode)
 
 
-def uses_decoder_maps(spec: ModelSpec, ndim: int, tile_shape) -> bool:
-    """Whether blocks are segmented from decoder maps on the whole image's tile grid (tiled AIS, 2D or per
-    slice of a volume)."""
+def uses_decoder_maps(spec: ModelSpec) -> bool:
+    """Whether the model's segmenter is decoder-based (AIS), so that tiled blocks can be segmented from decoder
+    maps on the whole image's tile grid (2D, or per slice of a volume)."""
     from ..instance_segmentation import InstanceSegmentationWithDecoder
 
-    return ndim in (2, 3) and tile_shape is not None and isinstance(load_model(spec).segmenter,
-                                                                    InstanceSegmentationWithDecoder)
+    return isinstance(load_model(spec).segmenter, InstanceSegmentationWithDecoder)
 
 
 class _Slice:
@@ -217,7 +216,7 @@ class _Slice:
 
 
 def compute_block_maps(spec: ModelSpec, input_path: str, key: Optional[str], blocking: Blocking,
-                       output_path: str, work: str, block_id: int, tile_shape, halo) -> bool:
+                       output_path: str, work: str, block_id: int, tile_shape, halo) -> int:
     """Tiled AIS: compute the decoder maps of a block's inner region on the whole image's tile grid.
 
     Every tile of the image's grid (``tile_shape``, ``halo``, as a single-process tiled run lays them out) that
@@ -227,16 +226,15 @@ def compute_block_maps(spec: ModelSpec, input_path: str, key: Optional[str], blo
     (:func:`segment_block`), so that two neighbouring blocks see the same maps in their overlap and cut objects
     the same way. Marks the block in ``maps_done``.
 
+    Only for decoder-based segmenters (:func:`uses_decoder_maps`).
+
     Returns:
-        False (and nothing written) when the model's segmenter does not use a decoder (AMG): the blocks are then
-        segmented each on its own.
+        The block id.
     """
     from ..instance_segmentation.ais import background_maps
     from ..instance_segmentation.tiled import decoder_maps_of_tile
 
     ndim = len(blocking.shape)
-    if not uses_decoder_maps(spec, ndim, tile_shape):
-        return False
     block = blocking.block(block_id)
     data = open_input(input_path, key)  # read lazily, tile by tile
     loaded = load_model(spec)
@@ -260,29 +258,29 @@ def compute_block_maps(spec: ModelSpec, input_path: str, key: Optional[str], blo
                 if tile_maps is None else tile_maps[(slice(None),) + in_tile]  # (no signal: background, as the library)
     _open(output_path, f"{work}/maps")[(slice(None),) + block.inner] = block_maps
     _open(output_path, f"{work}/maps_done")[blocking.position(block_id)] = 1
-    return True
+    return block_id
 
 
 def _segment_from_maps(spec: ModelSpec, maps: np.ndarray, ndim: int, generate_kwargs) -> np.ndarray:
     """The watershed on (3, [Z,] Y, X) maps; a volume slice by slice (ids unique across slices), then merged
     in 3D as ``automatic_3d_segmentation`` does."""
+    from ..instance_segmentation._volume import stack_slice_segmentations
     from ..multi_dimensional_segmentation import merge_instance_segmentation_3d
 
     kwargs = dict(generate_kwargs)
     merge = {name: kwargs.pop(name) for name in ("gap_closing", "min_z_extent", "with_background") if name in kwargs}
     loaded = load_model(spec)
     stack = maps[:, None] if ndim == 2 else maps
-    labels = np.zeros(stack.shape[1:], dtype="uint32")
-    offset = 0
+    segmenter = loaded.segmenter
+
+    def segment_slice(z: int) -> np.ndarray:
+        segmenter.set_state({"foreground": stack[0, z], "center_distances": stack[1, z],
+                             "boundary_distances": stack[2, z]})
+        return segmenter.generate(output_mode="instance_segmentation", **kwargs)
+
     with loaded.lock:
-        segmenter = loaded.segmenter
         try:
-            for z in range(stack.shape[1]):
-                segmenter.set_state({"foreground": stack[0, z], "center_distances": stack[1, z],
-                                     "boundary_distances": stack[2, z]})
-                seg = np.asarray(segmenter.generate(output_mode="instance_segmentation", **kwargs))
-                labels[z] = np.where(seg != 0, seg.astype("uint32") + offset, 0)
-                offset += int(seg.max())
+            labels = stack_slice_segmentations(segment_slice, stack.shape[1:])
         finally:
             segmenter.clear_state()
     if ndim == 2:

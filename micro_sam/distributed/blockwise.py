@@ -4,8 +4,9 @@ The input (zarr, OME-Zarr, n5, tif, hdf5) is cut into blocks; each worker reads 
 segments it (embeddings and AIS / AMG, with the model it loaded once) and writes the block's labels into a zarr
 array. Tiled AIS (2D, or per slice of a volume) first writes the decoder maps of the whole image's tiles (each
 block computing the tiles over its inner region) and then segments each block from the maps of its outer region,
-so that neighbouring blocks see the same maps where they overlap. Then the objects that cross block faces are matched by their overlap in the halo strips and relabelled
-globally (``micro_sam.distributed._stitching``), and each block's final labels are written.
+so that neighbouring blocks see the same maps where they overlap. Then the objects that cross block faces are
+matched by their overlap in the halo strips and relabelled globally (``micro_sam.distributed._stitching``), and
+each block's final labels are written.
 
 The output is a zarr group: the labels in ``output_key`` (uint32, chunked like the blocks, 1..N) and, while the
 run is not complete, a work group with per-block markers. An interrupted run (client stopped, cluster lost)
@@ -208,7 +209,7 @@ def segment_blockwise(
         # merge) on the maps of its outer region; the blocks agree on their overlap, so objects crossing a face
         # are cut the same way on both sides.
         from_maps = tile_shape is not None and bool(
-            client.submit(uses_decoder_maps, spec, ndim, tile_shape, pure=False, retries=retries).result())
+            client.submit(uses_decoder_maps, spec, pure=False, retries=retries).result())
         ensure_block_arrays(output_path, _WORK, output_key, blocking,
                             {_ATTRIBUTE: {"parameters": parameters, "complete": False}}, with_maps=from_maps)
         todo = [b for b, n in enumerate(read_markers(output_path, _WORK, "n_objects")) if n < 0]

@@ -127,6 +127,15 @@ def _check_inputs(segmentation: np.ndarray, groundtruth: np.ndarray, criterion: 
         raise ValueError(f"Invalid criterion {criterion!r}, expected one of {_CRITERIA}.")
 
 
+def _same_shape(segmentation, groundtruth) -> Tuple[np.ndarray, np.ndarray]:
+    """Both as arrays; a ValueError if their shapes differ."""
+    segmentation, groundtruth = np.asarray(segmentation), np.asarray(groundtruth)
+    if segmentation.shape != groundtruth.shape:
+        raise ValueError(f"segmentation (shape {segmentation.shape}) and groundtruth (shape {groundtruth.shape}) "
+                         "must have the same shape.")
+    return segmentation, groundtruth
+
+
 def _pair_scores(
     segmentation: np.ndarray, groundtruth: np.ndarray, criterion: str, ignore_label: Optional[int]
 ) -> _PairScores:
@@ -387,10 +396,7 @@ def dice_score(segmentation: np.ndarray, groundtruth: np.ndarray, threshold_seg:
     Raises:
         ValueError: If the shapes differ.
     """
-    segmentation, groundtruth = np.asarray(segmentation), np.asarray(groundtruth)
-    if segmentation.shape != groundtruth.shape:
-        raise ValueError(f"segmentation (shape {segmentation.shape}) and groundtruth (shape {groundtruth.shape}) "
-                         "must have the same shape.")
+    segmentation, groundtruth = _same_shape(segmentation, groundtruth)
     a = segmentation.astype(bool) if threshold_seg is None else segmentation > threshold_seg
     b = groundtruth.astype(bool) if threshold_gt is None else groundtruth > threshold_gt
     total = int(a.sum()) + int(b.sum())
@@ -417,10 +423,7 @@ def object_area_ratios(segmentation: np.ndarray, groundtruth: np.ndarray, ignore
     Raises:
         ValueError: If the shapes differ.
     """
-    segmentation, groundtruth = np.asarray(segmentation), np.asarray(groundtruth)
-    if segmentation.shape != groundtruth.shape:
-        raise ValueError(f"segmentation (shape {segmentation.shape}) and groundtruth (shape {groundtruth.shape}) "
-                         "must have the same shape.")
+    segmentation, groundtruth = _same_shape(segmentation, groundtruth)
     pred_ids, pred_index = np.unique(segmentation.ravel(), return_inverse=True)
     true_ids, true_index = np.unique(groundtruth.ravel(), return_inverse=True)
     pred_areas = np.bincount(pred_index, minlength=len(pred_ids))

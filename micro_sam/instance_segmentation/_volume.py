@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import numpy as np
 
@@ -37,7 +37,6 @@ def segment_slices(
         The (Z, Y, X) uint32 segmentation (object ids of slice z follow those of slice z - 1) and the embeddings.
     """
     from .._image import infer_ndim
-    from .._progress import track
     from ..util import precompute_image_embeddings
 
     if not hasattr(volume, "shape") or infer_ndim(volume, 3) != 3:
@@ -49,14 +48,35 @@ def segment_slices(
             predictor, volume, save_path=embedding_path, ndim=3, tile_shape=tile_shape, halo=halo,
             verbose=verbose, batch_size=batch_size,
         )
-    segmentation = np.zeros(tuple(volume.shape[:3]), dtype="uint32")
-    offset = 0
-    for z in track(range(segmentation.shape[0]), "Segment slices", verbose=verbose):
+    def segment_slice(z: int) -> np.ndarray:
         segmentor.initialize(volume[z], image_embeddings=image_embeddings, i=z, verbose=False)
-        seg = np.asarray(segmentor.generate(**generate_kwargs))
+        return segmentor.generate(**generate_kwargs)
+
+    segmentation = stack_slice_segmentations(segment_slice, tuple(volume.shape[:3]), verbose)
+    return segmentation, image_embeddings
+
+
+def stack_slice_segmentations(segment_slice: Callable[[int], np.ndarray], shape: Tuple[int, int, int],
+                              verbose: bool = False) -> np.ndarray:
+    """Stack per-slice label images into a (Z, Y, X) uint32 volume with ids unique across slices.
+
+    Args:
+        segment_slice: ``segment_slice(z)`` returns the (Y, X) label image of slice ``z`` (0 = background).
+        shape: (Z, Y, X) shape of the volume.
+        verbose: Show a progress bar.
+
+    Returns:
+        The segmentation: the object ids of slice z follow those of slice z - 1.
+    """
+    from .._progress import track
+
+    segmentation = np.zeros(shape, dtype="uint32")
+    offset = 0
+    for z in track(range(shape[0]), "Segment slices", verbose=verbose):
+        seg = np.asarray(segment_slice(z))
         n = int(seg.max())
         if n == 0:
             continue
         segmentation[z] = np.where(seg != 0, seg.astype("uint32") + offset, 0)
         offset += n
-    return segmentation, image_embeddings
+    return segmentation
