@@ -17,7 +17,7 @@ from ..multi_dimensional_segmentation import PROJECTION_MODES
 from . import _commit, _layers
 from . import util as vutil
 from ._background import show_error, show_info, show_warning
-from ._widgets import _commit_attrs, _Snapshot, current_slice
+from ._widgets import _commit_attrs, _Snapshot, commit_widget, current_slice
 
 #: The track states of a prompt and their face colours (track: cyan, division: magenta).
 TRACK_STATES = ("track", "division")
@@ -422,27 +422,10 @@ def load_commit_path(tool, commit_path) -> bool:
 
 
 def commit_tracks_widget(tool):
-    """The 'Commit [C]' widget of the tracking tool."""
-    from magicgui import magicgui
-
-    @magicgui(
-        call_button="Commit [C]",
-        layer={"choices": [_layers.CURRENT_OBJECT, _layers.AUTO_SEGMENTATION],
-               "tooltip": "The layer whose tracks are added to 'committed_objects'."},
-        preserve_mode={"choices": list(_commit.PRESERVE_MODES),
-                       "tooltip": "objects: do not add tracks that were committed already; pixels: never "
-                                  "overwrite committed pixels; none: overwrite them."},
-        preservation_threshold={"min": 0.0, "max": 1.0, "step": 0.05},
-        commit_path={"mode": "d", "tooltip": "A zarr folder where every commit (tracks and lineages) is saved; "
-                                             "tracks of this movie found there are loaded."},
-    )
-    def commit(layer: str = _layers.CURRENT_OBJECT, preserve_mode: str = "objects",
-               preservation_threshold: float = 0.75, commit_path: Optional[Path] = None) -> None:
-        commit_tracks(tool, layer, preserve_mode, preservation_threshold, commit_path)
-
-    commit.commit_path.changed.connect(lambda path: load_commit_path(tool, path))
-    commit._on_image_changed = lambda: load_commit_path(tool, commit.commit_path.value)
-    return commit
+    """The 'Commit [C]' widget of the tracking tool (tracks and their lineages)."""
+    return commit_widget(tool, commit_tracks, load_commit_path, what="tracks",
+                         path_tooltip="A zarr folder where every commit (tracks and lineages) is saved; tracks of "
+                                      "this movie found there are loaded.")
 
 
 def clear_tracks_widget(tool):

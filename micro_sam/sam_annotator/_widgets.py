@@ -308,30 +308,34 @@ def load_commit_path(tool, commit_path) -> bool:
     return True
 
 
-def commit_widget(tool):
-    """The 'Commit [C]' widget."""
+def commit_widget(tool, commit_function=None, load_function=None, what: str = "objects",
+                  path_tooltip: str = "A zarr folder where every commit is saved; annotations of this image found "
+                                      "there are loaded, so interrupted work continues."):
+    """The 'Commit [C]' widget: ``commit_function(tool, layer, preserve_mode, preservation_threshold,
+    commit_path)`` on the button (default :func:`commit_objects`), ``load_function(tool, commit_path)`` when the
+    path or the image changes (default :func:`load_commit_path`); ``what`` and ``path_tooltip`` name what is
+    committed in the tooltips (the tracking tool commits tracks)."""
     from magicgui import magicgui
+
+    commit_function = commit_objects if commit_function is None else commit_function
+    load_function = load_commit_path if load_function is None else load_function
 
     @magicgui(
         call_button="Commit [C]",
         layer={"choices": [_layers.CURRENT_OBJECT, _layers.AUTO_SEGMENTATION],
-               "tooltip": "The layer whose objects are added to 'committed_objects'."},
+               "tooltip": f"The layer whose {what} are added to 'committed_objects'."},
         preserve_mode={"choices": list(_commit.PRESERVE_MODES),
-                       "tooltip": "objects: do not add objects that were committed already; pixels: never "
+                       "tooltip": f"objects: do not add {what} that were committed already; pixels: never "
                                   "overwrite committed pixels; none: overwrite them."},
         preservation_threshold={"min": 0.0, "max": 1.0, "step": 0.05},
-        commit_path={"mode": "d", "tooltip": "A zarr folder where every commit is saved; annotations of this "
-                                             "image found there are loaded, so interrupted work continues."},
+        commit_path={"mode": "d", "tooltip": path_tooltip},
     )
     def commit(layer: str = _layers.CURRENT_OBJECT, preserve_mode: str = "objects",
                preservation_threshold: float = 0.75, commit_path: Optional[Path] = None) -> None:
-        commit_objects(tool, layer, preserve_mode, preservation_threshold, commit_path)
+        commit_function(tool, layer, preserve_mode, preservation_threshold, commit_path)
 
-    def path_changed(path):
-        load_commit_path(tool, path)
-
-    commit.commit_path.changed.connect(path_changed)
-    commit._on_image_changed = lambda: load_commit_path(tool, commit.commit_path.value)
+    commit.commit_path.changed.connect(lambda path: load_function(tool, path))
+    commit._on_image_changed = lambda: load_function(tool, commit.commit_path.value)
     return commit
 
 
